@@ -1,0 +1,352 @@
+"""GAPW: gradient-aware backward warping with a Jacobian hole mask, and PBDP double projection.
+
+Reference: "DreamStereo" (CVPR 2026), GAPW and PBDP; ../shared/docs/mission.md.
+
+For rectified stereo a view-1 pixel at ``x`` appears in view 2 at ``f(x) = x + s * d(x)`` on the same
+row (``s = -1`` when view 2 lies to the right). Between pixel centres ``f`` is taken as piecewise
+linear. Backward warping inverts it per row: every target pixel ``j`` of view 2 finds the source
+position ``x`` with ``f(x) = j`` and samples view 1 there with linear interpolation.
+
+Inverse (right direction; the left direction is its mirror image). Where several sources land on one
+target the nearest surface (largest disparity) wins. For ``s = -1`` a source ``y`` that lands on the
+same target as ``x`` has ``y - x = d(y) - d(x)``, so every occluder of ``x`` lies to its right: ``x`` is
+visible exactly when ``f(x) < f(y)`` for all ``y > x``. The visible part of the row is therefore the
+non-decreasing suffix minimum ``g(x) = min_{y >= x} f(y)``; occluded sources and folds (``f' <= 0``)
+sit on its flat parts and are never selected. Inverting ``g`` is a count: the segment ``[i, i + 1]``
+that covers ``j`` is the last ``i`` with ``g(i) <= j``, read off a cumulative histogram of
+``ceil(g)``. It is exact for the piecewise linear map, linear in the row length, uses integer
+additions only (so no floating-point atomics and no run-to-run differences) and runs on any device.
+
+Hole mask from the Jacobian. A segment whose mapped length ``L = f(i + 1) - f(i)`` exceeds ``delta``
+is a source step stretched across a disocclusion. Each of its two end pixels keeps its own half-pixel
+footprint (``hole_margin``, default 0.5 px) and the targets in between are holes. With a step edge
+from ``d_front`` to ``d_back`` this yields a band of exactly ``d_front - d_back`` pixels, the analytic
+answer for an edge on the pixel boundary (tests/stages/test_gapw.py). Targets that no source covers
+are holes too: the frame spans ``[-1/2, W - 1/2]`` (the edge pixels' footprints), so a target more
+than ``hole_margin`` beyond the first or last landing point is a border hole. Holes are filled with the background-side source (the end of the step
+with the smaller disparity), so the disparity of view 2 stays a sensible input to the return warp.
+
+Why training pairs take the round trip through the view OPPOSITE to the synthesized eye: at inference
+we synthesize a right view from a left one, and its holes lie on the right side of foreground objects.
+The mask ``mask1`` of a round trip marks the view-1 pixels hidden in view 2; through a view on the
+right those lie to the LEFT of foreground edges (mirrored), through a view on the left they lie to the
+RIGHT, with the same sidedness as the inference holes. ``training_direction`` encodes that rule and
+the pair generator uses it as its default.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from dreamstereo.types import Direction, DoubleProjection, WarpMethod, WarpResult
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DELTA = 1.5  # stretch (target px per source px) above which a step is a hole; see docs/benchmarks.md
+DEFAULT_HOLE_MARGIN = 0.5  # px of a stretched step kept by each end pixel (half a pixel footprint)
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+_CHUNK_PIXELS = 1 << 16  # pixels per block on CPU; see _row_chunks
+
+
+def as_direction(direction: Direction | str) -> Direction:
+    """Parse ``direction`` ("right" / "left" or a :class:`Direction`); raise ValueError otherwise."""
+    if isinstance(direction, Direction):
+        return direction
+    try:
+        return Direction(direction)
+    except ValueError:
+        allowed = [d.value for d in Direction]
+        raise ValueError(f"`direction={direction!r}` must be one of {allowed}") from None
+
+
+def training_direction(synthesized_eye: Direction | str = Direction.RIGHT) -> Direction:
+    """Round-trip direction for training pairs: the view opposite to the eye inference synthesizes.
+
+    See the module docstring: a round trip through the opposite view gives holes with the same
+    sidedness as the holes of the synthesized eye.
+    """
+    return as_direction(synthesized_eye).opposite
+
+
+def check_warp_inputs(
+    frames: torch.Tensor,
+    disparity: torch.Tensor,
+    source_valid: torch.Tensor | None = None,
+) -> None:
+    """Validate the arguments of a warp; raise ValueError naming the argument and the problem."""
+    if not isinstance(frames, torch.Tensor):
+        raise ValueError(f"`frames` must be a torch.Tensor, got {type(frames).__name__}")
+    if not isinstance(disparity, torch.Tensor):
+        raise ValueError(f"`disparity` must be a torch.Tensor, got {type(disparity).__name__}")
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise ValueError(f"`frames` must have shape (T, 3, H, W), got {tuple(frames.shape)}")
+    if disparity.ndim != 3:
+        raise ValueError(f"`disparity` must have shape (T, H, W), got {tuple(disparity.shape)}")
+    if frames.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"`frames` must be float32 or float64 in [0, 1], got dtype {frames.dtype}")
+    if disparity.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"`disparity` must be float32 or float64 pixels, got dtype {disparity.dtype}")
+    t, _, h, w = frames.shape
+    if (t, h, w) != tuple(disparity.shape):
+        raise ValueError(
+            f"`disparity` shape {tuple(disparity.shape)} does not match `frames` (T, H, W) = {(t, h, w)}"
+        )
+    if t == 0 or h == 0 or w < 2:
+        raise ValueError(f"`frames` is empty or too narrow: shape {tuple(frames.shape)} (need T, H >= 1, W >= 2)")
+    if disparity.device != frames.device:
+        raise ValueError(f"`disparity` is on {disparity.device} but `frames` on {frames.device}")
+    if not bool(torch.isfinite(disparity).all()):
+        bad = int((~torch.isfinite(disparity)).sum())
+        raise ValueError(f"`disparity` has {bad} NaN/inf values; fill or mask them before warping")
+    if source_valid is not None:
+        if source_valid.dtype != torch.bool or tuple(source_valid.shape) != (t, h, w):
+            raise ValueError(
+                f"`source_valid` must be a bool tensor of shape {(t, h, w)}, "
+                f"got {source_valid.dtype} {tuple(source_valid.shape)}"
+            )
+
+
+def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[..., index]`` along the last dim; ``values`` (T, C, H, W) or (T, H, W), index (T, H, W)."""
+    if values.ndim == 4:
+        index = index.unsqueeze(1).expand(-1, values.shape[1], -1, -1)  # (T, C, H, W)
+    return values.gather(-1, index)
+
+
+def _warp_right(
+    frames: torch.Tensor,
+    disparity: torch.Tensor,
+    delta: float,
+    hole_margin: float,
+    source_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GAPW towards a view on the right (``x -> x - d``) for one chunk of rows; see the module docstring.
+
+    Returns view, disparity of view 2, disocclusion holes, border holes (the mask is their union).
+    """
+    t, _, h, w = frames.shape
+    device = frames.device
+    cols = torch.arange(w, device=device, dtype=disparity.dtype)  # (W,) target columns j
+    pixel = torch.arange(w, device=device).expand(t, h, w)  # (T, H, W) source column index
+
+    # 1. Segments: every valid source pixel i joins the next valid one n(i) (i + 1 unless sources
+    #    in between are invalid, which then neither show nor occlude).
+    landing = cols - disparity  # (T, H, W) f(x) = x - d(x)
+    if source_valid is None:
+        nxt = pixel[..., 1:]  # (T, H, W-1) n(i) = i + 1
+        exists = torch.ones_like(nxt, dtype=torch.bool)
+    else:
+        later = pixel.masked_fill(~source_valid, w)[..., 1:]
+        nxt = later.flip(-1).cummin(-1).values.flip(-1)  # (T, H, W-1) first valid column > i, or W
+        exists = source_valid[..., :-1] & (nxt < w)
+        nxt = nxt.clamp(max=w - 1)
+    f_a = landing[..., :-1]  # (T, H, W-1) f(i)
+    f_b = landing.gather(-1, nxt)  # (T, H, W-1) f(n(i))
+    length = f_b - f_a  # mapped length; <= 0 is a fold (never visible)
+    normal = exists & (length > 0) & (length <= delta)
+    stretched = exists & (length > delta)  # a Jacobian hole: only its two end footprints are surface
+
+    # 2. Z-buffer over real surface at integer targets. For x -> x - d two sources that land on one
+    #    target satisfy x2 - x1 = d(x2) - d(x1), so the rightmost source is the nearest: the winner is
+    #    the largest key, 2i + 1 for a point inside segment i, 2i for pixel i itself (a footprint).
+    #    Integer max is order-free, so the scatter is deterministic on every device.
+    best = torch.full((t, h, w + 1), -1, dtype=torch.long, device=device)  # slot W: off-frame dump
+
+    def offer(target: torch.Tensor, ok: torch.Tensor, key: torch.Tensor) -> None:
+        ok = ok & (target >= 0) & (target <= w - 1)
+        best.scatter_reduce_(-1, torch.where(ok, target, w).long(), key, reduce="amax")
+
+    first = f_a.ceil()  # (T, H, W-1) first integer target at or right of f(i)
+    seg_key = 2 * pixel[..., :-1] + 1
+    for k in range(int(delta) + 1):  # a normal segment spans at most floor(delta) + 1 targets
+        offer(first + k, normal & (first + k <= f_b), seg_key)
+    offer(first, stretched & (first - f_a <= hole_margin), seg_key - 1)  # footprint of pixel i
+    last = f_b.floor()
+    offer(last, stretched & (f_b - last <= hole_margin), 2 * nxt)  # footprint of pixel n(i)
+    key = best[..., :w]  # (T, H, W) winning key per target, -1 where nothing real lands
+
+    # 3. Decode the winner: source pixels a, b and the position between them.
+    visible = key >= 0
+    key = key.clamp(min=0)
+    src_a = key >> 1  # (T, H, W)
+    inside = (key & 1).bool()
+    nxt_full = torch.cat([nxt, pixel[..., -1:]], dim=-1)  # (T, H, W) n(i), last pixel maps to itself
+    src_b = torch.where(inside, nxt_full.gather(-1, src_a), src_a)
+    land_a = landing.gather(-1, src_a)
+    span = landing.gather(-1, src_b) - land_a
+    frac = torch.where(inside, ((cols - land_a) / span.clamp(min=1e-12)).clamp(0.0, 1.0), 0.0)
+    disparity2 = torch.lerp(disparity.gather(-1, src_a), disparity.gather(-1, src_b), frac)
+
+    # 4. Holes show their background side: the nearest visible target to the left or right, whichever
+    #    has the smaller disparity. Border holes lie beyond every landing point of the row.
+    hole = ~visible
+    target_idx = pixel  # target columns as indices
+    left = torch.where(visible, target_idx, -1).cummax(-1).values
+    right = torch.where(visible, target_idx, w).flip(-1).cummin(-1).values.flip(-1)
+    d_left = disparity2.gather(-1, left.clamp(min=0))
+    d_right = disparity2.gather(-1, right.clamp(max=w - 1))
+    use_right = (left < 0) | ((right < w) & (d_right < d_left))
+    donor = torch.where(use_right, right, left).clamp(0, w - 1)
+    src_a = torch.where(hole, src_a.gather(-1, donor), src_a)
+    src_b = torch.where(hole, src_b.gather(-1, donor), src_b)
+    frac = torch.where(hole, frac.gather(-1, donor), frac)
+    disparity2 = torch.where(hole, d_left.where(~use_right, d_right), disparity2)
+    if source_valid is None:
+        lo, hi = landing.amin(-1, keepdim=True), landing.amax(-1, keepdim=True)
+    else:
+        lo = landing.masked_fill(~source_valid, math.inf).amin(-1, keepdim=True)
+        hi = landing.masked_fill(~source_valid, -math.inf).amax(-1, keepdim=True)
+    border = hole & ((cols < lo) | (cols > hi))
+
+    # 5. Sample view 1 between the two source pixels (linear interpolation along the row).
+    weight = frac.unsqueeze(1)  # (T, 1, H, W)
+    view = torch.lerp(frames.gather(-1, src_a.unsqueeze(1).expand_as(frames)),
+                      frames.gather(-1, src_b.unsqueeze(1).expand_as(frames)), weight)  # (T, 3, H, W)
+    return view, disparity2, hole & ~border, border
+
+
+def _row_chunks(t: int, h: int, w: int, device: torch.device):
+    """``(frame, row slice)`` blocks of about ``_CHUNK_PIXELS`` pixels on CPU (cache-sized; about 3x
+    faster than whole batches, benchmarks/bench_warp.py), or the whole batch at once on accelerators."""
+    if device.type != "cpu":
+        yield slice(None), slice(None)
+        return
+    rows = max(1, _CHUNK_PIXELS // w)
+    for f in range(t):
+        for r in range(0, h, rows):
+            yield slice(f, f + 1), slice(r, r + rows)
+
+
+def gapw_warp(
+    frames: torch.Tensor,
+    disparity: torch.Tensor,
+    direction: Direction | str = Direction.RIGHT,
+    *,
+    delta: float = DEFAULT_DELTA,
+    hole_margin: float = DEFAULT_HOLE_MARGIN,
+    source_valid: torch.Tensor | None = None,
+) -> WarpResult:
+    """Warp view 1 to view 2 by gradient-aware backward warping.
+
+    Args:
+        frames: ``(T, 3, H, W)`` float32/float64 in [0, 1], view 1.
+        disparity: ``(T, H, W)`` float32/float64, pixels of view 1, larger = nearer, any sign.
+        direction: ``"right"`` (view 2 to the right, ``x -> x - d``) or ``"left"`` (``x -> x + d``).
+        delta: a source step mapped longer than ``delta`` target pixels is stretched across a hole.
+        hole_margin: half-width of a pixel's footprint in target pixels: targets of a stretched step
+            within it of either end still show that end pixel; 0 marks the whole step as hole.
+        source_valid: optional ``(T, H, W)`` bool; invalid source pixels are treated as absent (they
+            neither show nor occlude; segments bridge them), as the holes of view 2 in the return warp.
+
+    Returns:
+        WarpResult ``(view, disparity, mask)``: view 2 ``(T, 3, H, W)`` in the dtype of ``frames``;
+        disparity of view 2 ``(T, H, W)`` in pixels; hole mask ``(T, H, W)`` bool.
+
+    Raises:
+        ValueError: on bad shapes, dtypes, empty tensors, non-finite disparity or a bad direction.
+    """
+    view, disparity2, disocclusion, border = _gapw(frames, disparity, direction, delta, hole_margin, source_valid)
+    return WarpResult(view, disparity2, disocclusion | border)
+
+
+def _gapw(frames, disparity, direction, delta, hole_margin, source_valid):
+    """:func:`gapw_warp` with the disocclusion and border parts of the mask kept apart."""
+    direction = as_direction(direction)
+    check_warp_inputs(frames, disparity, source_valid)
+    if not delta >= 1.0:
+        raise ValueError(f"`delta` must be >= 1 (a step of one source pixel maps to >= 1 px), got {delta}")
+    if not 0.0 <= hole_margin < delta / 2:
+        raise ValueError(f"`hole_margin` must be in [0, delta / 2), got {hole_margin} with delta={delta}")
+    disparity = disparity.to(frames.dtype)
+    mirror = direction is Direction.LEFT
+    # The left warp is the right warp of the mirrored row: u = W-1-x maps x -> x + d to u -> u - d.
+    flip = (lambda x: x.flip(-1)) if mirror else (lambda x: x)
+    t, c, h, w = frames.shape
+    view = torch.empty_like(frames)
+    disparity2 = torch.empty_like(disparity)
+    disocclusion = torch.empty(disparity.shape, dtype=torch.bool, device=frames.device)
+    border = torch.empty_like(disocclusion)
+    for f, r in _row_chunks(t, h, w, frames.device):
+        valid = None if source_valid is None else flip(source_valid[f, r])
+        part = _warp_right(flip(frames[f, :, r]), flip(disparity[f, r]), delta, hole_margin, valid)
+        view[f, :, r], disparity2[f, r], disocclusion[f, r], border[f, r] = (flip(x) for x in part)
+    return view, disparity2, disocclusion, border
+
+
+def warp(
+    frames: torch.Tensor,
+    disparity: torch.Tensor,
+    direction: Direction | str = Direction.RIGHT,
+    *,
+    method: WarpMethod | str = WarpMethod.GAPW,
+    delta: float = DEFAULT_DELTA,
+    hole_margin: float = DEFAULT_HOLE_MARGIN,
+    source_valid: torch.Tensor | None = None,
+) -> WarpResult:
+    """Warp with the chosen method (GAPW or a forward-splat baseline); same arguments as :func:`gapw_warp`.
+
+    ``delta`` and ``hole_margin`` only apply to GAPW; the splats have their own fixed rules.
+    """
+    from dreamstereo.stages import splat  # baselines live apart from the method
+
+    method = as_method(method)
+    if method is WarpMethod.GAPW:
+        return gapw_warp(
+            frames, disparity, direction, delta=delta, hole_margin=hole_margin, source_valid=source_valid
+        )
+    if method is WarpMethod.SOFT_SPLAT:
+        return splat.soft_splat_warp(frames, disparity, direction, source_valid=source_valid)
+    return splat.zbuffer_splat_warp(frames, disparity, direction, source_valid=source_valid)
+
+
+def as_method(method: WarpMethod | str) -> WarpMethod:
+    """Parse a warp method name; raise ValueError listing the allowed ones."""
+    if isinstance(method, WarpMethod):
+        return method
+    try:
+        return WarpMethod(method)
+    except ValueError:
+        raise ValueError(f"`method={method!r}` must be one of {[m.value for m in WarpMethod]}") from None
+
+
+def double_project(
+    frames: torch.Tensor,
+    disparity: torch.Tensor,
+    direction: Direction | str = Direction.RIGHT,
+    *,
+    method: WarpMethod | str = WarpMethod.GAPW,
+    delta: float = DEFAULT_DELTA,
+    hole_margin: float = DEFAULT_HOLE_MARGIN,
+) -> DoubleProjection:
+    """PBDP: warp view 1 to view 2, then back to view 1 with the disparity of view 2.
+
+    ``(V2, D2, M2) = warp(V1, D1, direction)`` and ``(V1', M1) = warp(V2, D2, opposite)``, where the
+    return warp treats the holes of view 2 as invalid sources, so ``M1`` marks the pixels of view 1
+    that view 2 cannot see. For training pairs pass ``training_direction(...)`` (the view opposite
+    to the synthesized eye; module docstring).
+
+    Args:
+        frames: ``(T, 3, H, W)`` float32/float64 in [0, 1], view 1.
+        disparity: ``(T, H, W)`` float, pixels of view 1, larger = nearer.
+        direction: where view 2 lies, ``"right"`` or ``"left"``.
+        method: ``"gapw"`` (default), ``"soft_splat"`` or ``"zbuffer_splat"``.
+        delta, hole_margin: GAPW hole rule, see :func:`gapw_warp`.
+
+    Returns:
+        DoubleProjection with ``view2, disparity2, mask2, view1, mask1``.
+    """
+    direction = as_direction(direction)
+    opts = dict(method=method, delta=delta, hole_margin=hole_margin)
+    if as_method(method) is WarpMethod.GAPW:
+        # Border holes show the edge pixel, which is what view 2 would see there; only disocclusions
+        # are invalid sources for the return warp (a view-1 pixel near the far border stays visible).
+        view2, disparity2, disocclusion, border = _gapw(frames, disparity, direction, delta, hole_margin, None)
+        mask2, invalid = disocclusion | border, disocclusion
+    else:
+        view2, disparity2, mask2 = warp(frames, disparity, direction, **opts)
+        invalid = mask2
+    view1, _, mask1 = warp(view2, disparity2, direction.opposite, source_valid=~invalid, **opts)
+    return DoubleProjection(view2=view2, disparity2=disparity2, mask2=mask2, view1=view1, mask1=mask1)

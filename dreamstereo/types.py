@@ -1,0 +1,82 @@
+"""Canonical layouts, enums and result types shared by every part of DreamStereo.
+
+Layouts (change them here, nowhere else):
+
+* frames at the edges (files, Ray batches): ``(T, H, W, 3) uint8``;
+* frames inside stages: ``(T, 3, H, W)`` float32 (or float64) in ``[0, 1]``;
+* disparity: ``(T, H, W)`` float in pixels of the view it belongs to, larger = nearer;
+* masks: ``(T, H, W) bool``, True = hole / not visible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+
+class Direction(str, enum.Enum):
+    """Where view 2 lies relative to view 1.
+
+    ``RIGHT``: view 2 is to the right, a view-1 pixel at ``x`` appears at ``x - d`` in view 2.
+    ``LEFT``: view 2 is to the left, the pixel appears at ``x + d``.
+    """
+
+    RIGHT = "right"
+    LEFT = "left"
+
+    @property
+    def opposite(self) -> "Direction":
+        return Direction.LEFT if self is Direction.RIGHT else Direction.RIGHT
+
+    @property
+    def sign(self) -> int:
+        """Sign ``s`` of the mapping ``x -> x + s * d``."""
+        return -1 if self is Direction.RIGHT else 1
+
+
+class WarpMethod(str, enum.Enum):
+    """Which warper makes a view: ours (GAPW) or one of the forward-splat baselines."""
+
+    GAPW = "gapw"  # backward warping with a Jacobian hole mask (this project)
+    SOFT_SPLAT = "soft_splat"  # depth-weighted bilinear splat, as StereoCrafter
+    ZBUFFER_SPLAT = "zbuffer_splat"  # nearest-surface point splat, as iw3
+
+
+class WarpResult(tuple):
+    """``(view, disparity, mask)`` of one warp; also readable by name.
+
+    view: ``(T, 3, H, W)`` float, the synthesized view.
+    disparity: ``(T, H, W)`` float, disparity in pixels of the synthesized view (holes carry the
+        background-side value).
+    mask: ``(T, H, W)`` bool, True where the synthesized view has no source (hole).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, view: torch.Tensor, disparity: torch.Tensor, mask: torch.Tensor):
+        return super().__new__(cls, (view, disparity, mask))
+
+    view = property(lambda self: self[0])
+    disparity = property(lambda self: self[1])
+    mask = property(lambda self: self[2])
+
+
+@dataclasses.dataclass(frozen=True)
+class DoubleProjection:
+    """Result of a parallax-based double projection (PBDP), view 1 -> view 2 -> view 1.
+
+    Attributes:
+        view2: ``(T, 3, H, W)`` float in [0, 1], view 1 warped to view 2.
+        disparity2: ``(T, H, W)`` float, pixels, disparity of view 2 (background-filled in holes).
+        mask2: ``(T, H, W)`` bool, holes of view 2 (disocclusions and frame borders).
+        view1: ``(T, 3, H, W)`` float in [0, 1], the round trip back to view 1.
+        mask1: ``(T, H, W)`` bool, pixels of view 1 that view 2 cannot see.
+    """
+
+    view2: torch.Tensor
+    disparity2: torch.Tensor
+    mask2: torch.Tensor
+    view1: torch.Tensor
+    mask1: torch.Tensor

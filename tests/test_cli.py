@@ -1,0 +1,165 @@
+"""The command line, end to end on real files: pbdp on images and videos, warp-eval, demo, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dreamstereo import media
+from dreamstereo.cli import main
+from dreamstereo.scenes import demo_scene, step_scene, write_scene
+from dreamstereo.stages.gapw import double_project
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def image_pair(tmp_path):
+    scene = step_scene(width=48, height=20)
+    media.write_image(tmp_path / "left.png", scene.frames_uint8()[0])
+    np.save(tmp_path / "disp.npy", scene.disparity[0])
+    return scene, tmp_path / "left.png", tmp_path / "disp.npy"
+
+
+def test_pbdp_on_an_image_writes_views_masks_preview_manifest(capsys, tmp_path, image_pair):
+    scene, left, disp = image_pair
+    out = tmp_path / "out"
+    code, stdout, _ = _run(capsys, "pbdp", str(left), "--disparity", str(disp), "--direction", "left",
+                           "--out", str(out))
+    assert code == 0 and "mask1" in stdout
+    names = {p.name for p in out.iterdir()}
+    assert names == {"view2.png", "mask2.png", "view1.png", "mask1.png", "preview.png", "disparity2.npz",
+                     "manifest.json", "config.yaml"}
+    frames = torch.from_numpy(media.read_image(left)).permute(2, 0, 1)[None]
+    expected = double_project(frames, torch.from_numpy(scene.disparity), "left")
+    assert np.array_equal(cv2.imread(str(out / "mask1.png"), 0) > 127, expected.mask1[0].numpy())
+    assert np.array_equal(cv2.imread(str(out / "mask2.png"), 0) > 127, expected.mask2[0].numpy())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["direction"] == "left" and manifest["frames"] == 1
+    assert set(manifest["outputs"].values()) <= names
+    assert "direction: left" in (out / "config.yaml").read_text()
+    sheet = cv2.imread(str(out / "preview.png"))
+    assert sheet.shape[0] > 2 * 20 and sheet.shape[1] > 2 * 48
+
+
+@pytest.mark.parametrize("video_output", ["lossless", "png"])
+def test_pbdp_on_a_video_with_sidecar(capsys, tmp_path, video_output):
+    scene = demo_scene(width=64, height=48, num_frames=5)
+    video, sidecar = write_scene(scene, tmp_path / "clip.mp4", fps=10)
+    out = tmp_path / "out"
+    code, _, _ = _run(capsys, "pbdp", video, "--disparity", sidecar, "--out", str(out),
+                      f"video_output={video_output}", "warp.delta=2.0")
+    assert code == 0
+    frames, _ = media.read_video(video)
+    frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
+    expected = double_project(frames_t, torch.from_numpy(scene.disparity), "right", delta=2.0)
+    if video_output == "lossless":
+        mask1 = media.read_video(out / "mask1.mkv")[0][..., 0] > 127
+        view2 = media.read_video(out / "view2.mkv")[0]
+    else:
+        mask1 = np.stack([cv2.imread(str(p), 0) > 127 for p in sorted((out / "mask1").glob("*.png"))])
+        view2 = np.stack([cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB)
+                          for p in sorted((out / "view2").glob("*.png"))])
+    assert np.array_equal(mask1, expected.mask1.numpy())
+    assert np.array_equal(view2, media.to_uint8(expected.view2.permute(0, 2, 3, 1).numpy()))
+    assert "delta: 2.0" in (out / "config.yaml").read_text()
+
+
+def test_pbdp_reads_scaled_png_disparity(capsys, tmp_path, image_pair):
+    scene, left, _ = image_pair
+    cv2.imwrite(str(tmp_path / "disp1.png"), (scene.disparity[0] * 2).astype(np.uint8))  # Middlebury style
+    code, _, _ = _run(capsys, "pbdp", str(left), "--disparity", str(tmp_path / "disp1.png"),
+                      "--config", "configs/pbdp/middlebury.yaml", "--out", str(tmp_path / "o"))
+    assert code == 0
+    mask2 = cv2.imread(str(tmp_path / "o" / "mask2.png"), 0) > 127
+    assert np.array_equal(mask2, scene.holes[next(iter(scene.holes))][0])  # right = first direction
+
+
+@pytest.mark.parametrize("case", ["missing_input", "garbage_video", "shape_mismatch", "bad_override",
+                                  "nan_disparity"])
+def test_pbdp_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, image_pair, case):
+    _, left, disp = image_pair
+    args = [str(left), "--disparity", str(disp)]
+    if case == "missing_input":
+        args[0] = str(tmp_path / "nope.png")
+    elif case == "garbage_video":
+        (tmp_path / "junk.mp4").write_bytes(b"\x01\x02" * 500)
+        args[0] = str(tmp_path / "junk.mp4")
+    elif case == "shape_mismatch":
+        np.save(tmp_path / "small.npy", np.zeros((10, 10), np.float32))
+        args[2] = str(tmp_path / "small.npy")
+    elif case == "bad_override":
+        args.append("warp.delta=zero")
+    elif case == "nan_disparity":
+        np.save(tmp_path / "nan.npy", np.full((20, 48), np.nan, np.float32))
+        args[2] = str(tmp_path / "nan.npy")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "pbdp", *args, "--out", str(out))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dreamstereo pbdp: error:")
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def _write_middlebury_like_pair(folder, *, w=64, h=12, d_back=4, d_front=12, x0=21, x1=41):
+    """A two-layer pair built by hand: the front layer covers left-view columns x0..x1-1."""
+    rng = np.random.default_rng(5)
+    tex_back, tex_front = rng.random((h, w + 40, 3)), rng.random((h, w + 40, 3))
+    disp1 = np.where((np.arange(w) >= x0) & (np.arange(w) < x1), d_front, d_back)[None].repeat(h, 0)
+    left = np.where((disp1 == d_front)[..., None], tex_front[:, :w], tex_back[:, :w])
+    right, disp5 = np.zeros_like(left), np.zeros((h, w))
+    for j in range(w):  # right view column j sees left column j + d of the nearest layer there
+        if x0 <= j + d_front < x1:
+            right[:, j], disp5[:, j] = tex_front[:, j + d_front], d_front
+        else:
+            right[:, j], disp5[:, j] = tex_back[:, j + d_back], d_back if j + d_back < w else 0
+    folder.mkdir(parents=True)
+    media.write_image(folder / "view1.png", left)
+    media.write_image(folder / "view5.png", right)
+    cv2.imwrite(str(folder / "disp1.png"), (disp1 * 2).astype(np.uint8))
+    cv2.imwrite(str(folder / "disp5.png"), (disp5 * 2).astype(np.uint8))
+
+
+def test_warp_eval_prints_table_and_writes_json(capsys, tmp_path):
+    _write_middlebury_like_pair(tmp_path / "pairs" / "Step")
+    report = tmp_path / "report.json"
+    code, stdout, _ = _run(capsys, "warp-eval", str(tmp_path / "pairs"), "--json", str(report))
+    assert code == 0
+    for method in ("gapw", "soft_splat", "zbuffer_splat"):
+        assert f"Step       {method}" in stdout
+    rows = {r["method"]: r for r in json.loads(report.read_text())["rows"]}
+    assert set(rows) == {"gapw", "soft_splat", "zbuffer_splat"}
+    # The occluded band left of the front layer (x0 - 8 .. x0 - 1) and the left border are found exactly.
+    assert rows["gapw"]["recall"] == 1.0 and rows["gapw"]["precision"] == 1.0
+    assert rows["gapw"]["fly_points"] == 0
+
+
+def test_warp_eval_missing_folder_exits_2(capsys, tmp_path):
+    code, _, err = _run(capsys, "warp-eval", str(tmp_path / "none"), "--json", str(tmp_path / "r.json"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_demo_writes_scene_and_pairs(capsys, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "width=96", "height=64", "num_frames=5")
+    assert code == 0 and "left view" in stdout  # training pairs for a right eye go through the left view
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["direction"] == "left" and manifest["mask1_iou_vs_analytic"] >= 0.9
+    assert (out / "scene.mp4").is_file() and (out / "scene.disparity.npz").is_file()
+    assert (out / "pbdp" / "preview.png").is_file() and (out / "config.yaml").is_file()
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "dreamstereo.cli", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("dreamstereo ")

@@ -1,0 +1,72 @@
+"""File formats of the command line tools: disparity files, images, videos; clear errors on bad files."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from dreamstereo import media
+
+
+@pytest.fixture
+def disp():
+    return (np.random.default_rng(0).random((3, 6, 9)) * 40).astype(np.float32)
+
+
+def test_disparity_formats_round_trip(tmp_path, disp):
+    np.save(tmp_path / "d.npy", disp)
+    np.savez(tmp_path / "d.npz", disparity=disp)
+    np.savez(tmp_path / "single.npz", whatever=disp[0])
+    media.write_pfm(tmp_path / "d.pfm", disp[0])
+    cv2.imwrite(str(tmp_path / "d16.png"), np.round(disp[0] * 256).astype(np.uint16))
+    assert np.array_equal(media.read_disparity(tmp_path / "d.npy"), disp)
+    assert np.array_equal(media.read_disparity(tmp_path / "d.npz"), disp)
+    assert np.array_equal(media.read_disparity(tmp_path / "single.npz"), disp[:1])
+    assert np.array_equal(media.read_disparity(tmp_path / "d.pfm"), disp[:1])
+    png = media.read_disparity(tmp_path / "d16.png", scale=1 / 256)
+    assert png.shape == (1, 6, 9) and np.abs(png - disp[:1]).max() <= 1 / 512 + 1e-6
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("missing.npy", None, "no such file"),
+    ("bad.npz", b"not a zip", "cannot read"),
+    ("nan.npy", "nan", "NaN or inf"),
+    ("d.txt", b"1 2 3", "unsupported format"),
+    ("rgb.png", "rgb", "channels"),
+    ("two.npz", "two", "no array named 'disparity'"),
+])
+def test_bad_disparity_files_are_named(tmp_path, name, content, needle):
+    path = tmp_path / name
+    if content == "nan":
+        np.save(path, np.full((2, 2), np.nan, np.float32))
+    elif content == "rgb":
+        cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
+    elif content == "two":
+        np.savez(path, a=np.zeros(2), b=np.zeros(2))
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(media.MediaError, match=needle) as info:
+        media.read_disparity(path)
+    assert name in str(info.value)
+
+
+def test_lossless_video_is_bit_exact_and_masks_survive(tmp_path):
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, (4, 10, 14, 3), dtype=np.uint8)
+    media.write_video(tmp_path / "v.mkv", frames, 8, lossless=True)
+    back, fps = media.read_video(tmp_path / "v.mkv")
+    assert np.array_equal(back, frames) and fps == pytest.approx(8)
+    mask = rng.random((4, 10, 14)) > 0.7
+    media.write_video(tmp_path / "m.mkv", mask, 8, lossless=True)
+    assert np.array_equal(media.read_video(tmp_path / "m.mkv")[0][..., 0] > 127, mask)
+
+
+def test_unreadable_video_is_a_media_error_and_no_temp_left(tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(media.MediaError, match="bad.mp4"):
+        media.read_video(bad)
+    with pytest.raises(Exception):
+        media.write_video(tmp_path / "out.mp4", np.zeros((1, 4, 4, 3), np.uint8), fps=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
