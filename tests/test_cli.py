@@ -152,7 +152,7 @@ def test_warp_eval_missing_folder_exits_2(capsys, tmp_path):
 
 def test_demo_writes_scene_and_pairs(capsys, tmp_path):
     out = tmp_path / "demo"
-    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "width=96", "height=64", "num_frames=5")
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_frames=3")
     assert code == 0 and "left view" in stdout  # training pairs for a right eye go through the left view
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["direction"] == "left" and manifest["mask1_iou_vs_analytic"] >= 0.9

@@ -128,84 +128,58 @@ def _warp_right(
     Returns view, disparity of view 2, disocclusion holes, border holes (the mask is their union).
     """
     t, _, h, w = frames.shape
-    device = frames.device
-    cols = torch.arange(w, device=device, dtype=disparity.dtype)  # (W,) target columns j
-    pixel = torch.arange(w, device=device).expand(t, h, w)  # (T, H, W) source column index
+    cols = torch.arange(w, device=frames.device, dtype=disparity.dtype)  # (W,) source and target columns
+    target = cols  # (W,) target column j, broadcast over (T, H, W)
 
-    # 1. Segments: every valid source pixel i joins the next valid one n(i) (i + 1 unless sources
-    #    in between are invalid, which then neither show nor occlude).
+    # 1. Where every source pixel lands, and the visible (suffix-minimum) envelope of that map.
+    #    Invalid sources do not exist: they land nowhere (+inf), so they neither show nor occlude.
     landing = cols - disparity  # (T, H, W) f(x) = x - d(x)
+    if source_valid is not None:
+        landing.masked_fill_(~source_valid, math.inf)
+    envelope = landing.flip(-1).cummin(-1).values.flip(-1)  # (T, H, W) g(x) = min_{y >= x} f(y)
+
+    # 2. Segment [i, i + 1] covering each target: the last i with g(i) <= j. For integer j,
+    #    g(i) <= j  <=>  ceil(g(i)) <= j, so count(j) = #{i : g(i) <= j} is a cumulative histogram of
+    #    ceil(g) (bin W collects everything right of the frame): linear time, integer adds only.
+    first_target = envelope.ceil().clamp_(0, w).long()  # (T, H, W) first target at or right of g(i)
+    hist = torch.zeros(t, h, w + 1, dtype=torch.long, device=frames.device)
+    hist.scatter_add_(-1, first_target, torch.ones_like(first_target))
+    count = hist.cumsum_(-1)[..., :w]  # (T, H, W) #{i : g(i) <= j}
+    seg = (count - 1).clamp_(0, w - 2)  # (T, H, W) left end i of the segment
     if source_valid is None:
-        nxt = pixel[..., 1:]  # (T, H, W-1) n(i) = i + 1
-        exists = torch.ones_like(nxt, dtype=torch.bool)
-    else:
-        later = pixel.masked_fill(~source_valid, w)[..., 1:]
-        nxt = later.flip(-1).cummin(-1).values.flip(-1)  # (T, H, W-1) first valid column > i, or W
-        exists = source_valid[..., :-1] & (nxt < w)
-        nxt = nxt.clamp(max=w - 1)
-    f_a = landing[..., :-1]  # (T, H, W-1) f(i)
-    f_b = landing.gather(-1, nxt)  # (T, H, W-1) f(n(i))
-    length = f_b - f_a  # mapped length; <= 0 is a fold (never visible)
-    normal = exists & (length > 0) & (length <= delta)
-    stretched = exists & (length > delta)  # a Jacobian hole: only its two end footprints are surface
+        seg_next = seg + 1
+    else:  # the segment bridges a run of invalid sources to the next valid one (i itself is valid)
+        valid_col = torch.arange(w, device=frames.device).expand(t, h, w).masked_fill(~source_valid, w)
+        next_valid = valid_col.flip(-1).cummin(-1).values.flip(-1)  # (T, H, W) first valid column >= x
+        seg_next = next_valid.gather(-1, seg + 1)
+        seg_next = torch.where(seg_next == w, seg, seg_next)  # none right of i: j is past the last one
+    f_a = landing.gather(-1, seg)  # (T, H, W) f(i)
+    f_b = landing.gather(-1, seg_next)  # (T, H, W) f(i + 1)
+    length = f_b - f_a  # (T, H, W) mapped length of the step, > 0 wherever the segment is selected
+    into = target - f_a  # distance of j from the segment's start, in target pixels
+    frac = (into / length.clamp(min=1e-12)).clamp_(0.0, 1.0)  # position on the segment: 0 = i, 1 = i + 1
 
-    # 2. Z-buffer over real surface at integer targets. For x -> x - d two sources that land on one
-    #    target satisfy x2 - x1 = d(x2) - d(x1), so the rightmost source is the nearest: the winner is
-    #    the largest key, 2i + 1 for a point inside segment i, 2i for pixel i itself (a footprint).
-    #    Integer max is order-free, so the scatter is deterministic on every device.
-    best = torch.full((t, h, w + 1), -1, dtype=torch.long, device=device)  # slot W: off-frame dump
+    # 3. Jacobian mask: a stretched step keeps a half-pixel footprint at each end; between is a hole.
+    #    For x -> x - d a step stretches only where d falls (L = 1 + d(i) - d(i+1) > delta >= 1), so its
+    #    background end is always i + 1: holes and the far footprint take i + 1, the near footprint i.
+    stretched = length > delta
+    past_start = into > hole_margin
+    hole = stretched & past_start & ((f_b - target) > hole_margin)
+    frac = torch.where(stretched, past_start.to(frac.dtype), frac)
 
-    def offer(target: torch.Tensor, ok: torch.Tensor, key: torch.Tensor) -> None:
-        ok = ok & (target >= 0) & (target <= w - 1)
-        best.scatter_reduce_(-1, torch.where(ok, target, w).long(), key, reduce="amax")
+    # 4. Frame borders: targets left of every landing point, or right of the last one, have no source
+    #    (pixel-centre convention, as the left-right check of real data). They show the edge pixel.
+    before = count == 0
+    frac.masked_fill_(before, 0.0).masked_fill_(count == w, 1.0)  # count == w: j >= f(W-1), source W-1
+    border = before | (target > f_b)  # inside the row j < g(i + 1) <= f_b, so only past the last landing
 
-    first = f_a.ceil()  # (T, H, W-1) first integer target at or right of f(i)
-    seg_key = 2 * pixel[..., :-1] + 1
-    for k in range(int(delta) + 1):  # a normal segment spans at most floor(delta) + 1 targets
-        offer(first + k, normal & (first + k <= f_b), seg_key)
-    offer(first, stretched & (first - f_a <= hole_margin), seg_key - 1)  # footprint of pixel i
-    last = f_b.floor()
-    offer(last, stretched & (f_b - last <= hole_margin), 2 * nxt)  # footprint of pixel n(i)
-    key = best[..., :w]  # (T, H, W) winning key per target, -1 where nothing real lands
-
-    # 3. Decode the winner: source pixels a, b and the position between them.
-    visible = key >= 0
-    key = key.clamp(min=0)
-    src_a = key >> 1  # (T, H, W)
-    inside = (key & 1).bool()
-    nxt_full = torch.cat([nxt, pixel[..., -1:]], dim=-1)  # (T, H, W) n(i), last pixel maps to itself
-    src_b = torch.where(inside, nxt_full.gather(-1, src_a), src_a)
-    land_a = landing.gather(-1, src_a)
-    span = landing.gather(-1, src_b) - land_a
-    frac = torch.where(inside, ((cols - land_a) / span.clamp(min=1e-12)).clamp(0.0, 1.0), 0.0)
-    disparity2 = torch.lerp(disparity.gather(-1, src_a), disparity.gather(-1, src_b), frac)
-
-    # 4. Holes show their background side: the nearest visible target to the left or right, whichever
-    #    has the smaller disparity. Border holes lie beyond every landing point of the row.
-    hole = ~visible
-    target_idx = pixel  # target columns as indices
-    left = torch.where(visible, target_idx, -1).cummax(-1).values
-    right = torch.where(visible, target_idx, w).flip(-1).cummin(-1).values.flip(-1)
-    d_left = disparity2.gather(-1, left.clamp(min=0))
-    d_right = disparity2.gather(-1, right.clamp(max=w - 1))
-    use_right = (left < 0) | ((right < w) & (d_right < d_left))
-    donor = torch.where(use_right, right, left).clamp(0, w - 1)
-    src_a = torch.where(hole, src_a.gather(-1, donor), src_a)
-    src_b = torch.where(hole, src_b.gather(-1, donor), src_b)
-    frac = torch.where(hole, frac.gather(-1, donor), frac)
-    disparity2 = torch.where(hole, d_left.where(~use_right, d_right), disparity2)
-    if source_valid is None:
-        lo, hi = landing.amin(-1, keepdim=True), landing.amax(-1, keepdim=True)
-    else:
-        lo = landing.masked_fill(~source_valid, math.inf).amin(-1, keepdim=True)
-        hi = landing.masked_fill(~source_valid, -math.inf).amax(-1, keepdim=True)
-    border = hole & ((cols < lo) | (cols > hi))
-
-    # 5. Sample view 1 between the two source pixels (linear interpolation along the row).
+    # 5. Sample view 1 and its disparity between the segment's ends (linear interpolation along the row).
     weight = frac.unsqueeze(1)  # (T, 1, H, W)
-    view = torch.lerp(frames.gather(-1, src_a.unsqueeze(1).expand_as(frames)),
-                      frames.gather(-1, src_b.unsqueeze(1).expand_as(frames)), weight)  # (T, 3, H, W)
-    return view, disparity2, hole & ~border, border
+    index_a = seg.unsqueeze(1).expand_as(frames)  # (T, 3, H, W)
+    index_b = seg_next.unsqueeze(1).expand_as(frames)
+    view = torch.lerp(frames.gather(-1, index_a), frames.gather(-1, index_b), weight)  # (T, 3, H, W)
+    disparity2 = torch.lerp(disparity.gather(-1, seg), disparity.gather(-1, seg_next), frac)  # (T, H, W)
+    return view, disparity2, hole, border
 
 
 def _row_chunks(t: int, h: int, w: int, device: torch.device):

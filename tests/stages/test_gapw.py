@@ -190,6 +190,22 @@ def test_matches_analytic_masks_of_moving_scene(seed, direction):
         assert (predicted & ~_dilate_rows(truth)).mean() < 1e-3
 
 
+def test_thin_near_object_masks_the_whole_step_a_superset_of_the_truth():
+    # A 6 px bar 20 px nearer than the wall: in view 2 it jumps past the wall beside it. The stretched
+    # step after the bar is part of the continuous map and stays in front of what lands behind it, so
+    # GAPW masks the whole 20 px step, while geometry alone would show 14 px of wall there. Missing a
+    # hole is worse than masking a visible pixel (training pairs), so this is the intended side to err.
+    layers = [Layer(disparity=2.0, seed=1), Layer(disparity=22.0, x0=30.5, x1=36.5, seed=2)]
+    scene = render(layers, width=80, height=2, num_frames=1)
+    frames, disparity = scene.tensors()
+    _, _, mask = gapw_warp(frames, disparity, "right")
+    truth = scene.holes[Direction.RIGHT]
+    assert not (truth & ~mask.numpy()).any()  # recall 1
+    interior = [j for j in _cols(mask[0, 0]) if j < 70]
+    assert interior == list(range(15, 35))  # (36.5 - 22, 36.5 - 2): the full step of 20 px
+    assert [j for j in np.flatnonzero(truth[0, 0]) if j < 70] == list(range(29, 35))  # the bar's width
+
+
 def test_round_trip_restores_visible_pixels_of_fronto_parallel_planes():
     scene = step_scene(front_on_left=False, height=4)
     frames, disparity = scene.tensors()
