@@ -35,7 +35,7 @@ class WarpConfig:
 
     method: WarpMethod = WarpMethod.GAPW  # gapw | soft_splat | zbuffer_splat
     delta: float = DEFAULT_DELTA  # GAPW: a source step stretched beyond this many target px is a hole
-    hole_margin: float = DEFAULT_HOLE_MARGIN  # GAPW: px of a stretched step kept by each end pixel
+    hole_margin: float = DEFAULT_HOLE_MARGIN  # GAPW: px of a stretched step still shown by each end pixel
 
     def __post_init__(self):
         if self.delta < 1.0:

@@ -119,10 +119,10 @@ def test_three_layers_keep_z_order():
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("slope", [-0.3, 0.3])
 def test_slanted_plane_has_no_interior_hole(direction, slope):
-    # |dd/dx| = 0.3 is well below delta - 1 = 0.5: no step is stretched beyond delta.
+    # |dd/dx| = 0.3 is well below delta - 1 = 1 (and below 0.5, for delta = 1.5): no step is stretched.
     w = 96
     disparity = (6.0 + slope * (torch.arange(w) - w / 2)).expand(1, 4, w).contiguous()
-    _, _, mask = gapw_warp(_frames(1, 4, w), disparity, direction)
+    _, _, mask = gapw_warp(_frames(1, 4, w), disparity, direction, delta=1.5)
     # The map x -> x + s d(x) is monotonic, so the only holes lie beyond its ends (frame borders).
     sign = -1 if direction == "right" else 1
     first, last = sorted((0 + sign * float(disparity[0, 0, 0]), w - 1 + sign * float(disparity[0, 0, -1])))
