@@ -8,10 +8,14 @@ failed write never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
+import shutil
+import sys
 from collections.abc import Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -84,53 +88,72 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- disparity
 
 
-def read_disparity(path: str | Path, *, scale: float = 1.0) -> np.ndarray:
-    """Read disparity in pixels as ``(T, H, W)`` float32 (a single map becomes ``T = 1``).
+class DisparitySource:
+    """Disparity in pixels of a clip, handed out frame range by frame range.
 
-    Formats: ``.npy``; ``.npz`` with an array named ``disparity`` (or a single array); ``.pfm``; an 8- or
-    16-bit ``.png`` whose values times ``scale`` are pixels. ``scale`` multiplies every format.
+    Formats: ``.npy`` (memory-mapped, so a long clip is never loaded whole); ``.npz`` with an array
+    named ``disparity`` (or a single array); ``.pfm``; an 8- or 16-bit ``.png`` whose values times
+    ``scale`` are pixels. ``scale`` multiplies every format. A single map counts as one frame.
     """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise MediaError(f"disparity file {str(path)!r}: no such file")
-    if suffix not in DISPARITY_SUFFIXES:
-        raise MediaError(f"disparity file {str(path)!r}: unsupported format {suffix!r}; "
-                         f"use one of {sorted(DISPARITY_SUFFIXES)}")
-    try:
+
+    def __init__(self, path: str | Path, *, scale: float = 1.0):
+        self.path, self.scale = Path(path), float(scale)
+        name, suffix = repr(str(self.path)), self.path.suffix.lower()
+        if not self.path.is_file():
+            raise MediaError(f"disparity file {name}: no such file")
+        if suffix not in DISPARITY_SUFFIXES:
+            raise MediaError(f"disparity file {name}: unsupported format {suffix!r}; "
+                             f"use one of {sorted(DISPARITY_SUFFIXES)}")
+        try:
+            disp = self._load(suffix)
+        except (OSError, ValueError, EOFError) as exc:
+            if isinstance(exc, MediaError):
+                raise
+            raise MediaError(f"disparity file {name}: cannot read ({exc})") from None
+        if disp.ndim == 2:
+            disp = disp[None]
+        if disp.ndim != 3 or not np.issubdtype(disp.dtype, np.number):
+            raise MediaError(f"disparity file {name}: need a numeric (H, W) or (T, H, W) array, "
+                             f"got {disp.dtype} {disp.shape}")
+        self._array = disp
+
+    def _load(self, suffix: str) -> np.ndarray:
+        name = repr(str(self.path))
         if suffix == ".npy":
-            disp = np.load(path, allow_pickle=False)
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
+            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+        if suffix == ".npz":
+            with np.load(self.path, allow_pickle=False) as z:
                 if "disparity" in z.files:
-                    disp = z["disparity"]
-                elif len(z.files) == 1:
-                    disp = z[z.files[0]]
-                else:
-                    raise MediaError(f"disparity file {str(path)!r}: no array named 'disparity' "
-                                     f"(has {z.files})")
-        elif suffix == ".pfm":
-            disp = _read_pfm(path)
-        else:
-            disp = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if disp is None:
-                raise MediaError(f"disparity file {str(path)!r}: not a readable PNG")
-            if disp.ndim == 3:
-                raise MediaError(f"disparity file {str(path)!r}: PNG has {disp.shape[2]} channels, need 1")
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, MediaError):
-            raise
-        raise MediaError(f"disparity file {str(path)!r}: cannot read ({exc})") from None
-    disp = np.asarray(disp)
-    if disp.ndim == 2:
-        disp = disp[None]
-    if disp.ndim != 3 or not np.issubdtype(disp.dtype, np.number):
-        raise MediaError(f"disparity file {str(path)!r}: need a numeric (H, W) or (T, H, W) array, "
-                         f"got {disp.dtype} {disp.shape}")
-    disp = disp.astype(np.float32) * np.float32(scale)
-    if not np.isfinite(disp).all():
-        raise MediaError(f"disparity file {str(path)!r}: has NaN or inf values")
-    return disp
+                    return z["disparity"]
+                if len(z.files) == 1:
+                    return z[z.files[0]]
+                raise MediaError(f"disparity file {name}: no array named 'disparity' (has {z.files})")
+        if suffix == ".pfm":
+            return _read_pfm(self.path)
+        disp = cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)
+        if disp is None:
+            raise MediaError(f"disparity file {name}: not a readable PNG")
+        if disp.ndim == 3:
+            raise MediaError(f"disparity file {name}: PNG has {disp.shape[2]} channels, need 1")
+        return disp
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(T, H, W)``."""
+        return tuple(self._array.shape)
+
+    def frames(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Frames ``start:stop`` as ``(n, H, W)`` float32 pixels; MediaError if any value is NaN/inf."""
+        disp = np.asarray(self._array[start:stop], dtype=np.float32) * np.float32(self.scale)
+        if not np.isfinite(disp).all():
+            raise MediaError(f"disparity file {str(self.path)!r}: has NaN or inf values "
+                             f"(frames {start}..{start + len(disp) - 1})")
+        return disp
+
+
+def read_disparity(path: str | Path, *, scale: float = 1.0) -> np.ndarray:
+    """Read a whole disparity file as ``(T, H, W)`` float32 pixels; see :class:`DisparitySource`."""
+    return DisparitySource(path, scale=scale).frames()
 
 
 def _read_pfm(path: Path) -> np.ndarray:
@@ -159,59 +182,165 @@ def write_pfm(path: str | Path, disparity: np.ndarray) -> None:
 # ----------------------------------------------------------------------------- video
 
 
-def read_video(path: str | Path) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video as ``(T, H, W, 3)`` uint8 RGB, and its frame rate."""
-    path = Path(path)
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What a probe of a video file found."""
+
+    frames: int  # number of frames (counted from packets when the container does not say)
+    fps: float
+    width: int
+    height: int
+
+
+def _open_video(path: Path):
     if not path.is_file():
         raise MediaError(f"{str(path)!r}: no such file")
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{str(path)!r}: has no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        container = av.open(str(path))
     except (av.FFmpegError, IndexError, OSError) as exc:
-        raise MediaError(f"{str(path)!r}: cannot decode video ({type(exc).__name__}: {exc})") from None
-    if not frames:
+        raise MediaError(f"{str(path)!r}: cannot open video ({type(exc).__name__}: {exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise MediaError(f"{str(path)!r}: has no video stream")
+    return container
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count, frame rate and size of a video, without decoding it."""
+    path = Path(path)
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        width, height = stream.codec_context.width, stream.codec_context.height
+    except (av.FFmpegError, IndexError, OSError) as exc:
+        raise MediaError(f"{str(path)!r}: cannot read video ({type(exc).__name__}: {exc})") from None
+    finally:
+        container.close()
+    return VideoInfo(frames=int(frames), fps=fps, width=int(width), height=int(height))
+
+
+def iter_video(path: str | Path, chunk_frames: int = 16) -> Iterator[np.ndarray]:
+    """Decode a video in chunks of up to ``chunk_frames`` frames, each ``(n, H, W, 3)`` uint8 RGB."""
+    path = Path(path)
+    container = _open_video(path)
+    chunk: list[np.ndarray] = []
+    decoded = 0
+    try:
+        for frame in container.decode(container.streams.video[0]):
+            chunk.append(frame.to_ndarray(format="rgb24"))
+            decoded += 1
+            if len(chunk) == chunk_frames:
+                yield np.stack(chunk)
+                chunk = []
+    except (av.FFmpegError, IndexError, OSError) as exc:
+        raise MediaError(f"{str(path)!r}: cannot decode video after {decoded} frame(s) "
+                         f"({type(exc).__name__}: {exc})") from None
+    finally:
+        container.close()
+    if chunk:
+        yield np.stack(chunk)
+    elif decoded == 0:
         raise MediaError(f"{str(path)!r}: video has no decodable frames")
-    return np.stack(frames), fps
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video as ``(T, H, W, 3)`` uint8 RGB, and its frame rate."""
+    fps = probe_video(path).fps
+    return np.concatenate(list(iter_video(path, chunk_frames=64))), fps
+
+
+class VideoWriter:
+    """Encode frames chunk by chunk; the file appears under its name only when the writer closes cleanly.
+
+    ``lossless`` writes FFV1 (use a ``.mkv`` name) with exact pixels; otherwise H.264 (``.mp4``,
+    ``yuv420p``, ``crf``, faststart). Odd sizes are padded by one edge pixel for H.264's 4:2:0.
+    Frames: ``(n, H, W, 3)`` RGB (uint8 or float in [0, 1]) or ``(n, H, W)`` bool/gray.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 24.0, *, lossless: bool = False, crf: int = 12):
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        tmp = self._atomic.__enter__()
+        self.lossless = lossless
+        try:
+            self._container = av.open(str(tmp), mode="w", format="matroska" if lossless else "mp4",
+                                      options={} if lossless else {"movflags": "faststart"})
+            codec = "ffv1" if lossless else "libx264"
+            self._stream = self._container.add_stream(codec, rate=_fps_fraction(fps))
+            self._stream.pix_fmt = "bgr0" if lossless else "yuv420p"
+            if not lossless:
+                self._stream.options = {"crf": str(crf), "preset": "medium"}
+        except BaseException:
+            self._atomic.__exit__(*sys.exc_info())
+            raise
+        self._sized = False
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = to_uint8(np.asarray(frames))
+        if frames.ndim == 3:
+            frames = np.repeat(frames[..., None], 3, axis=3)
+        if not self.lossless and (frames.shape[1] % 2 or frames.shape[2] % 2):
+            frames = np.pad(frames, ((0, 0), (0, frames.shape[1] % 2), (0, frames.shape[2] % 2), (0, 0)),
+                            mode="edge")
+        if not self._sized:
+            self._stream.height, self._stream.width = frames.shape[1:3]
+            self._sized = True
+        for frame in frames:
+            for packet in self._stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                self._container.mux(packet)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+        finally:
+            self._container.close()
+        self._atomic.__exit__(exc_type, exc, tb)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 24.0, *, lossless: bool = False,
                 crf: int = 12) -> None:
-    """Encode ``(T, H, W, 3)`` RGB (uint8 or float in [0, 1]) or ``(T, H, W)`` bool/gray frames.
+    """Encode all of ``frames`` into one file; see :class:`VideoWriter`."""
+    with VideoWriter(path, fps, lossless=lossless, crf=crf) as writer:
+        writer.write(frames)
 
-    ``lossless`` writes FFV1 (use a ``.mkv`` name) with exact pixels; otherwise H.264 (``.mp4``,
-    ``yuv420p``, ``crf``, faststart). Odd sizes are padded by one edge pixel for H.264's 4:2:0.
-    """
-    frames = to_uint8(np.asarray(frames))
-    if frames.ndim == 3:
-        frames = np.repeat(frames[..., None], 3, axis=3)
-    t, h, w, _ = frames.shape
-    with atomic_path(path) as tmp:
-        options = {} if lossless else {"movflags": "faststart"}
-        with av.open(str(tmp), mode="w", format="matroska" if lossless else "mp4",
-                     options=options) as container:
-            if lossless:
-                stream = container.add_stream("ffv1", rate=_fps_fraction(fps))
-                stream.pix_fmt = "bgr0"
-            else:
-                stream = container.add_stream("libx264", rate=_fps_fraction(fps))
-                stream.pix_fmt = "yuv420p"
-                stream.options = {"crf": str(crf), "preset": "medium"}
-                pad_h, pad_w = h % 2, w % 2
-                if pad_h or pad_w:
-                    frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            stream.height, stream.width = frames.shape[1:3]
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in stream.encode():
-                container.mux(packet)
+
+class ImageSequenceWriter:
+    """Write frames as ``000000.png, ...`` into a folder that appears (or is replaced) only on a clean close."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._tmp = self.folder.with_name(f".{self.folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True)
+        self._count = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        for frame in frames:
+            write_image(self._tmp / f"{self._count:06d}.png", frame)
+            self._count += 1
+
+    def __enter__(self) -> "ImageSequenceWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            return
+        old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
+        if self.folder.exists():
+            os.replace(self.folder, old)
+        os.replace(self._tmp, self.folder)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fps_fraction(fps: float):
-    from fractions import Fraction
-
+    if not fps > 0:
+        raise MediaError(f"frame rate must be > 0, got {fps}")
     return Fraction(fps).limit_denominator(1001)

@@ -7,6 +7,7 @@ outputs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -24,52 +25,94 @@ from dreamstereo.types import DoubleProjection
 logger = logging.getLogger(__name__)
 
 
-def load_pbdp_inputs(input_path: str | Path, disparity_path: str | Path, scale: float):
-    """Frames ``(T, H, W, 3)`` uint8, disparity ``(T, H, W)`` float32 px, fps (None for an image)."""
-    input_path = Path(input_path)
-    if media.is_image(input_path):
-        frames, fps = media.to_uint8(media.read_image(input_path))[None], None
-    else:
-        frames, fps = media.read_video(input_path)
-    disparity = media.read_disparity(disparity_path, scale=scale)
-    if disparity.shape != frames.shape[:3]:
-        raise media.MediaError(
-            f"disparity file {str(disparity_path)!r}: shape (T, H, W) = {disparity.shape} does not match "
-            f"{str(input_path)!r} with {frames.shape[0]} frame(s) of {frames.shape[2]}x{frames.shape[1]}"
-        )
-    return frames, disparity, fps
+class _PngWriter:
+    """One PNG, written when closed cleanly (the image counterpart of :class:`media.VideoWriter`)."""
+
+    def __init__(self, path: Path):
+        self.path, self._frame = path, None
+
+    def write(self, frames: np.ndarray) -> None:
+        self._frame = frames[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._frame is not None:
+            media.write_image(self.path, self._frame)
+
+
+class _ArrayWriter:
+    """A ``(T, H, W)`` float32 ``.npy`` filled chunk by chunk; it appears only when closed cleanly."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self._atomic = media.atomic_path(path)
+        tmp = self._atomic.__enter__()
+        self._array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        self._next = 0
+
+    def write(self, values: np.ndarray) -> None:
+        self._array[self._next:self._next + len(values)] = values
+        self._next += len(values)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._array.flush()
+        del self._array
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+VIEW_NAMES = ("view2", "mask2", "view1", "mask1")
 
 
 def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | Path,
              cfg: PbdpConfig) -> dict:
-    """Double-project one image or video and write view 2, mask 2, view 1 round trip, mask 1, preview.
+    """Double-project an image or a video with its disparity; write views, masks, preview and manifest.
 
-    Returns the manifest that is also written to ``out_dir/manifest.json``.
+    A video is streamed in chunks of ``cfg.chunk_frames`` frames, so its length is not bounded by
+    memory. Every input is checked before anything is written, and each output appears under its
+    name only once it is complete. Returns the manifest also written to ``out_dir/manifest.json``.
     """
     start = time.perf_counter()
-    frames, disparity, fps = load_pbdp_inputs(input_path, disparity_path, cfg.disparity_scale)
-    frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
-    result = double_project(frames_t, torch.from_numpy(disparity), cfg.direction, **cfg.warp.options())
-    out_dir = Path(out_dir)
+    input_path, out_dir = Path(input_path), Path(out_dir)
+    disparity = media.DisparitySource(disparity_path, scale=cfg.disparity_scale)
+    if media.is_image(input_path):
+        image = media.to_uint8(media.read_image(input_path))[None]
+        fps, expected, chunks = None, image.shape[:3], iter([image])
+    else:
+        info = media.probe_video(input_path)
+        fps, expected = info.fps, (info.frames, info.height, info.width)
+        chunks = media.iter_video(input_path, cfg.chunk_frames)
+    if disparity.shape != tuple(expected):
+        raise media.MediaError(
+            f"disparity file {str(disparity_path)!r}: shape (T, H, W) = {disparity.shape} does not match "
+            f"{str(input_path)!r} with {expected[0]} frame(s) of {expected[2]}x{expected[1]}")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = _write_views(result, out_dir, fps, cfg.video_output)
-    index = min(max(cfg.preview_frame, 0), frames.shape[0] - 1)
-    media.write_image(out_dir / "preview.png", pbdp_preview(frames[index], disparity[index], result, index))
+    try:
+        outputs, totals, sheet = _stream_pbdp(chunks, disparity, out_dir, fps, expected, cfg)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    media.write_image(out_dir / "preview.png", sheet)
     outputs["preview"] = "preview.png"
     manifest = {
         "command": "pbdp",
         "version": __version__,
         "input": str(input_path),
         "disparity": str(disparity_path),
-        "frames": int(frames.shape[0]),
-        "height": int(frames.shape[1]),
-        "width": int(frames.shape[2]),
+        "frames": int(expected[0]),
+        "height": int(expected[1]),
+        "width": int(expected[2]),
         "fps": fps,
         "direction": cfg.direction.value,
         "method": cfg.warp.method.value,
-        "mask2_ratio": float(result.mask2.float().mean()),
-        "mask1_ratio": float(result.mask1.float().mean()),
-        "roundtrip_psnr_db": metrics.psnr(result.view1, frames_t, ~result.mask1),
+        "mask2_ratio": totals["mask2"] / totals["pixels"],
+        "mask1_ratio": totals["mask1"] / totals["pixels"],
+        "roundtrip_psnr_db": metrics.psnr_from_error(totals["error"], totals["values"]),
         "seconds": round(time.perf_counter() - start, 3),
         "config_hash": config_hash(cfg),
         "outputs": outputs,
@@ -81,32 +124,61 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
     return manifest
 
 
-def _write_views(result: DoubleProjection, out_dir: Path, fps: float | None,
-                 video_output: VideoOutput) -> dict[str, str]:
-    arrays = {
-        "view2": result.view2.permute(0, 2, 3, 1).numpy(),
-        "mask2": result.mask2.numpy(),
-        "view1": result.view1.permute(0, 2, 3, 1).numpy(),
-        "mask1": result.mask1.numpy(),
-    }
-    outputs = {}
-    for name, array in arrays.items():
-        if fps is None:  # an image
+def _open_writers(stack: contextlib.ExitStack, out_dir: Path, fps: float | None, expected, cfg: PbdpConfig):
+    """One writer per output (PNG for an image; lossless video or PNG frames for a video)."""
+    outputs, writers = {}, {}
+    for name in VIEW_NAMES:
+        if fps is None:
             outputs[name] = f"{name}.png"
-            media.write_image(out_dir / outputs[name], array[0])
-        elif video_output is VideoOutput.LOSSLESS:
+            writers[name] = stack.enter_context(_PngWriter(out_dir / outputs[name]))
+        elif cfg.video_output is VideoOutput.LOSSLESS:
             outputs[name] = f"{name}.mkv"
-            media.write_video(out_dir / outputs[name], array, fps, lossless=True)
+            writers[name] = stack.enter_context(media.VideoWriter(out_dir / outputs[name], fps, lossless=True))
         else:
-            folder = out_dir / name
-            folder.mkdir(exist_ok=True)
-            for k, frame in enumerate(array):
-                media.write_image(folder / f"{k:06d}.png", frame)
             outputs[name] = f"{name}/"
-    with media.atomic_path(out_dir / "disparity2.npz") as tmp, open(tmp, "wb") as fh:
-        np.savez_compressed(fh, disparity=result.disparity2.numpy().astype(np.float32))
-    outputs["disparity2"] = "disparity2.npz"
-    return outputs
+            writers[name] = stack.enter_context(media.ImageSequenceWriter(out_dir / name))
+    outputs["disparity2"] = "disparity2.npy"
+    writers["disparity2"] = stack.enter_context(_ArrayWriter(out_dir / "disparity2.npy", tuple(expected)))
+    return outputs, writers
+
+
+def _stream_pbdp(chunks, disparity: media.DisparitySource, out_dir: Path, fps: float | None,
+                 expected: tuple[int, int, int], cfg: PbdpConfig):
+    """Run the double projection chunk by chunk into the output writers; see :func:`run_pbdp`."""
+    total = expected[0]
+    preview_index = min(max(cfg.preview_frame, 0), total - 1)
+    totals = {"mask1": 0, "mask2": 0, "pixels": 0, "error": 0.0, "values": 0}
+    sheet = None
+    with contextlib.ExitStack() as stack:
+        outputs, writers = _open_writers(stack, out_dir, fps, expected, cfg)
+        done = 0
+        for chunk in chunks:
+            disp = disparity.frames(done, done + len(chunk))
+            if len(disp) != len(chunk):
+                raise media.MediaError(f"disparity file {str(disparity.path)!r} has {total} frames but the "
+                                       f"video decodes more")
+            frames_t = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div_(255.0)  # (n, 3, H, W)
+            result = double_project(frames_t, torch.from_numpy(disp), cfg.direction, **cfg.warp.options())
+            for name in VIEW_NAMES:
+                value = getattr(result, name)
+                writers[name].write(value.permute(0, 2, 3, 1).numpy() if value.ndim == 4 else value.numpy())
+            writers["disparity2"].write(result.disparity2.numpy())
+            totals["mask1"] += int(result.mask1.sum())
+            totals["mask2"] += int(result.mask2.sum())
+            totals["pixels"] += result.mask1.numel()
+            err, count = metrics.squared_error(result.view1, frames_t, ~result.mask1)
+            totals["error"] += err
+            totals["values"] += count
+            if done <= preview_index < done + len(chunk):
+                k = preview_index - done
+                sheet = pbdp_preview(chunk[k], disp[k], result, k)
+            done += len(chunk)
+            if fps is not None:
+                logger.info("pbdp: %d/%d frames", done, total)
+        if done != total:
+            raise media.MediaError(f"disparity file {str(disparity.path)!r} has {total} frames but the "
+                                   f"video decodes {done}")
+    return outputs, totals, sheet
 
 
 def pbdp_preview(frame: np.ndarray, disparity: np.ndarray, result: DoubleProjection, index: int) -> np.ndarray:

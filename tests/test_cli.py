@@ -38,7 +38,7 @@ def test_pbdp_on_an_image_writes_views_masks_preview_manifest(capsys, tmp_path, 
                            "--out", str(out))
     assert code == 0 and "mask1" in stdout
     names = {p.name for p in out.iterdir()}
-    assert names == {"view2.png", "mask2.png", "view1.png", "mask1.png", "preview.png", "disparity2.npz",
+    assert names == {"view2.png", "mask2.png", "view1.png", "mask1.png", "preview.png", "disparity2.npy",
                      "manifest.json", "config.yaml"}
     frames = torch.from_numpy(media.read_image(left)).permute(2, 0, 1)[None]
     expected = double_project(frames, torch.from_numpy(scene.disparity), "left")
@@ -58,11 +58,11 @@ def test_pbdp_on_a_video_with_sidecar(capsys, tmp_path, video_output):
     video, sidecar = write_scene(scene, tmp_path / "clip.mp4", fps=10)
     out = tmp_path / "out"
     code, _, _ = _run(capsys, "pbdp", video, "--disparity", sidecar, "--out", str(out),
-                      f"video_output={video_output}", "warp.delta=2.0")
+                      f"video_output={video_output}", "warp.delta=1.5", "chunk_frames=2")  # 3 chunks
     assert code == 0
     frames, _ = media.read_video(video)
     frames_t = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255
-    expected = double_project(frames_t, torch.from_numpy(scene.disparity), "right", delta=2.0)
+    expected = double_project(frames_t, torch.from_numpy(scene.disparity), "right", delta=1.5)
     if video_output == "lossless":
         mask1 = media.read_video(out / "mask1.mkv")[0][..., 0] > 127
         view2 = media.read_video(out / "view2.mkv")[0]
@@ -72,7 +72,11 @@ def test_pbdp_on_a_video_with_sidecar(capsys, tmp_path, video_output):
                           for p in sorted((out / "view2").glob("*.png"))])
     assert np.array_equal(mask1, expected.mask1.numpy())
     assert np.array_equal(view2, media.to_uint8(expected.view2.permute(0, 2, 3, 1).numpy()))
-    assert "delta: 2.0" in (out / "config.yaml").read_text()
+    assert np.array_equal(np.load(out / "disparity2.npy"), expected.disparity2.numpy())
+    assert "delta: 1.5" in (out / "config.yaml").read_text()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["frames"] == 5
+    assert manifest["mask1_ratio"] == pytest.approx(float(expected.mask1.float().mean()))
 
 
 def test_pbdp_reads_scaled_png_disparity(capsys, tmp_path, image_pair):
@@ -86,7 +90,7 @@ def test_pbdp_reads_scaled_png_disparity(capsys, tmp_path, image_pair):
 
 
 @pytest.mark.parametrize("case", ["missing_input", "garbage_video", "shape_mismatch", "bad_override",
-                                  "nan_disparity"])
+                                  "nan_disparity", "truncated_video"])
 def test_pbdp_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, image_pair, case):
     _, left, disp = image_pair
     args = [str(left), "--disparity", str(disp)]
@@ -100,6 +104,12 @@ def test_pbdp_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_pat
         args[2] = str(tmp_path / "small.npy")
     elif case == "bad_override":
         args.append("warp.delta=zero")
+    elif case == "truncated_video":  # decodes some frames, then fails: no output may be left behind
+        scene = demo_scene(width=48, height=20, num_frames=40)
+        video, sidecar = write_scene(scene, tmp_path / "long.mp4")
+        data = (tmp_path / "long.mp4").read_bytes()
+        (tmp_path / "long.mp4").write_bytes(data[: len(data) * 2 // 3])
+        args = [video, "--disparity", sidecar, "chunk_frames=4"]
     elif case == "nan_disparity":
         np.save(tmp_path / "nan.npy", np.full((20, 48), np.nan, np.float32))
         args[2] = str(tmp_path / "nan.npy")

@@ -62,12 +62,10 @@ def count_fly_points(mask, max_pixels: int = FLY_POINT_MAX_PIXELS) -> int:
     return int((component_sizes(mask) <= max_pixels).sum())
 
 
-def psnr(image, reference, valid=None) -> float:
-    """PSNR in dB of ``image`` against ``reference`` (values in [0, 1]) over pixels where ``valid``.
-
-    ``valid`` is a ``(..., H, W)`` bool mask broadcast over the channel axis (which may be at -3 or
-    -1, whichever matches). Returns ``inf`` for identical inputs and ``nan`` with no valid pixel.
-    """
+def squared_error(image, reference, valid=None) -> tuple[float, int]:
+    """Sum of squared differences of ``image`` and ``reference`` over pixels where ``valid``, and the
+    number of values summed (pixels x channels). ``valid`` is a ``(..., H, W)`` bool mask broadcast
+    over the channel axis (at -3 or -1, whichever matches). Lets PSNR be accumulated over chunks."""
     a, b = _np(image).astype(np.float64), _np(reference).astype(np.float64)
     if a.shape != b.shape:
         raise ValueError(f"`image` shape {a.shape} does not match `reference` shape {b.shape}")
@@ -79,7 +77,20 @@ def psnr(image, reference, valid=None) -> float:
         else:
             v = np.broadcast_to(v[..., None], a.shape)  # channels last
         err = err[v]
-    if err.size == 0:
+    return float(err.sum()), int(err.size)
+
+
+def psnr_from_error(total: float, count: int) -> float:
+    """PSNR in dB (peak 1.0) from a sum of squared errors over ``count`` values; nan when count is 0."""
+    if count == 0:
         return math.nan
-    mse = float(err.mean())
+    mse = total / count
     return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def psnr(image, reference, valid=None) -> float:
+    """PSNR in dB of ``image`` against ``reference`` (values in [0, 1]) over pixels where ``valid``.
+
+    Returns ``inf`` for identical inputs and ``nan`` with no valid pixel; see :func:`squared_error`.
+    """
+    return psnr_from_error(*squared_error(image, reference, valid))
