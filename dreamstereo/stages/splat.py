@@ -29,13 +29,20 @@ def _landing(disparity: torch.Tensor, direction: Direction) -> torch.Tensor:
     return cols + direction.sign * disparity
 
 
-def _flat_index(columns: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _prepare(frames, disparity, direction, source_valid) -> tuple[Direction, torch.Tensor]:
+    """Validate a splat's arguments; return the parsed direction and the disparity in the frames' dtype."""
+    direction = as_direction(direction)
+    check_warp_inputs(frames, disparity, source_valid)
+    return direction, disparity.to(frames.dtype)
+
+
+def _flat_index(columns: torch.Tensor, width: int) -> torch.Tensor:
     """Row-major index ``y * W + x`` of target columns ``(T, H, W)``; out-of-frame -> dump slot ``H * W``."""
     t, h, w = columns.shape
     inside = (columns >= 0) & (columns < width)
     rows = torch.arange(h, device=columns.device).view(1, h, 1) * width  # (1, H, 1)
     index = torch.where(inside, rows + columns, h * width)  # (T, H, W)
-    return index.view(t, h * w), inside
+    return index.view(t, h * w)
 
 
 def soft_splat_warp(
@@ -46,9 +53,7 @@ def soft_splat_warp(
     source_valid: torch.Tensor | None = None,
 ) -> WarpResult:
     """StereoCrafter-style soft splat; see the module docstring. Returns ``(view, disparity, mask)``."""
-    direction = as_direction(direction)
-    check_warp_inputs(frames, disparity, source_valid)
-    disparity = disparity.to(frames.dtype)
+    direction, disparity = _prepare(frames, disparity, direction, source_valid)
     t, c, h, w = frames.shape
     landing = _landing(disparity, direction)  # (T, H, W)
     left = landing.floor()
@@ -67,7 +72,7 @@ def soft_splat_warp(
     denom = frames.new_zeros(t, h * w + 1)
     cover = frames.new_zeros(t, h * w + 1)
     for offset, bilinear in ((0, 1.0 - frac), (1, frac)):
-        index, _ = _flat_index(left + offset, w)  # (T, H*W)
+        index = _flat_index(left + offset, w)  # (T, H*W)
         weight = (depth_weight * bilinear).view(t, h * w)
         numer.scatter_add_(2, index.unsqueeze(1).expand(-1, c + 1, -1), values * weight.unsqueeze(1))
         denom.scatter_add_(1, index, weight)
@@ -86,12 +91,10 @@ def zbuffer_splat_warp(
     source_valid: torch.Tensor | None = None,
 ) -> WarpResult:
     """iw3-style hard z-buffer point splat; see the module docstring. Returns ``(view, disparity, mask)``."""
-    direction = as_direction(direction)
-    check_warp_inputs(frames, disparity, source_valid)
-    disparity = disparity.to(frames.dtype)
+    direction, disparity = _prepare(frames, disparity, direction, source_valid)
     t, c, h, w = frames.shape
     landing = _landing(disparity, direction).round().long()  # (T, H, W) nearest target column
-    index, inside = _flat_index(landing, w)  # (T, H*W)
+    index = _flat_index(landing, w)  # (T, H*W)
     if source_valid is not None:
         index = torch.where(source_valid.view(t, h * w), index, h * w)
     flat_disp = disparity.reshape(t, h * w)
