@@ -22,9 +22,11 @@ is a source step stretched across a disocclusion. Each of its two end pixels kee
 footprint (``hole_margin``, default 0.25 px) and the targets in between are holes. With a step edge
 from ``d_front`` to ``d_back`` this yields a band of exactly ``d_front - d_back`` pixels, the analytic
 answer for an edge on the pixel boundary (tests/stages/test_gapw.py). Targets that no source covers
-are holes too: the frame spans ``[-1/2, W - 1/2]`` (the edge pixels' footprints), so a target more
-than ``hole_margin`` beyond the first or last landing point is a border hole. Holes are filled with the background-side source (the end of the step
-with the smaller disparity), so the disparity of view 2 stays a sensible input to the return warp.
+(beyond the first or last landing point of the row, the pixel-centre convention of the left-right
+check) are border holes and show the edge pixel. Disocclusion holes are filled with the
+background-side source (the end of the step with the smaller disparity), so the disparity of view 2
+stays a sensible input to the return warp. A stretched step is part of the continuous map: it hides
+what lands behind it (docs/method.md discusses thin near objects).
 
 Why training pairs take the round trip through the view OPPOSITE to the synthesized eye: at inference
 we synthesize a right view from a left one, and its holes lie on the right side of foreground objects.
@@ -111,13 +113,6 @@ def check_warp_inputs(
             )
 
 
-def _gather_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``values[..., index]`` along the last dim; ``values`` (T, C, H, W) or (T, H, W), index (T, H, W)."""
-    if values.ndim == 4:
-        index = index.unsqueeze(1).expand(-1, values.shape[1], -1, -1)  # (T, C, H, W)
-    return values.gather(-1, index)
-
-
 def _locate_right(
     disparity: torch.Tensor,
     delta: float,
@@ -167,8 +162,9 @@ def _locate_right(
     frac = (into / length.clamp(min=1e-12)).clamp_(0.0, 1.0)  # position on the segment: 0 = i, 1 = i + 1
 
     # 3. Jacobian mask: a stretched step keeps hole_margin px of footprint at each end; between is a hole.
-    #    For x -> x - d a step stretches only where d falls (L = 1 + d(i) - d(i+1) > delta >= 1), so its
-    #    background end is always i + 1: holes and the far footprint take i + 1, the near footprint i.
+    #    For x -> x - d a step between neighbours stretches only where d falls (L = 1 + d(i) - d(i+1)
+    #    > delta >= 1), so its background end is i + 1: holes and the far footprint take the far end,
+    #    the near footprint i (a step bridging invalid sources keeps the same rule).
     stretched = length > delta
     past_start = into > hole_margin
     hole = stretched & past_start & ((f_b - target) > hole_margin)
