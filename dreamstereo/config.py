@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dreamstereo.stages.gapw import DEFAULT_DELTA, DEFAULT_HOLE_MARGIN
+from dreamstereo.stages.gapw import WarpConfig  # noqa: F401  (re-exported: part of every schema)
 from dreamstereo.types import Direction, WarpMethod
 
 logger = logging.getLogger(__name__)
@@ -27,25 +27,6 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
-
-
-@dataclasses.dataclass
-class WarpConfig:
-    """How views are warped (GAPW or a forward-splat baseline)."""
-
-    method: WarpMethod = WarpMethod.GAPW  # gapw | soft_splat | zbuffer_splat
-    delta: float = DEFAULT_DELTA  # GAPW: a source step stretched beyond this many target px is a hole
-    hole_margin: float = DEFAULT_HOLE_MARGIN  # GAPW: px of a stretched step still shown by each end pixel
-
-    def __post_init__(self):
-        if self.delta < 1.0:
-            raise ConfigError(f"warp.delta must be >= 1, got {self.delta}")
-        if not 0.0 <= self.hole_margin < self.delta / 2:
-            raise ConfigError(f"warp.hole_margin must be in [0, warp.delta / 2), got {self.hole_margin}")
-
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`dreamstereo.stages.gapw.double_project` / ``warp``."""
-        return {"method": self.method, "delta": self.delta, "hole_margin": self.hole_margin}
 
 
 class VideoOutput(str, enum.Enum):
@@ -121,10 +102,14 @@ def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: l
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from None
+    except ValueError as exc:  # a schema's __post_init__ check (stage configs raise plain ValueError)
+        raise ConfigError(str(exc)) from None
 
 
 def to_plain(config: Any) -> Any:

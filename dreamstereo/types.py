@@ -80,3 +80,35 @@ class DoubleProjection:
     mask2: torch.Tensor
     view1: torch.Tensor
     mask1: torch.Tensor
+
+
+class ErrorCode(str, enum.Enum):
+    """Why a sample failed (a data problem, recorded per sample; infrastructure faults raise instead)."""
+
+    DECODE_FAILED = "decode_failed"  # the bytes are not a readable video
+    NO_VIDEO_STREAM = "no_video_stream"  # e.g. an audio-only file
+    TOO_SHORT = "too_short"  # fewer frames than one clip needs
+    TOO_SMALL = "too_small"  # below the smallest accepted frame size
+    DEPTH_MISSING = "depth_missing"  # the oracle backend found no usable sidecar
+    DEPTH_MISMATCH = "depth_mismatch"  # sidecar frames or size do not match the video
+    DEPTH_FAILED = "depth_failed"  # the depth model produced no finite output
+
+
+class SampleError(Exception):
+    """A data-dependent failure of one sample: caught per row and recorded, never a crash."""
+
+    def __init__(self, code: ErrorCode, stage: str, message: str):
+        super().__init__(f"{stage}: {code.value}: {message}")
+        self.code, self.stage, self.message = code, stage, message
+
+
+class RejectReason(str, enum.Enum):
+    """Why the quality filter dropped a clip (a verdict, not an error)."""
+
+    MASK_RATIO_LOW = "mask_ratio_low"  # almost nothing to inpaint
+    MASK_RATIO_HIGH = "mask_ratio_high"  # holes cover too much of the frame
+    DEGENERATE_DEPTH = "degenerate_depth"  # constant or tiny-range disparity
+    SCENE_CUT = "scene_cut"  # the clip spans a shot boundary
+    STATIC = "static"  # blank or near-static clip
+    TOO_SHORT = "too_short"
+    TOO_SMALL = "too_small"

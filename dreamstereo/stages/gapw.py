@@ -38,6 +38,7 @@ the pair generator uses it as its default.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -53,6 +54,25 @@ DEFAULT_DELTA = 2.0  # stretch (target px per source px) above which a step is a
 DEFAULT_HOLE_MARGIN = 0.25  # px of a stretched step still shown by each end pixel
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 _CHUNK_PIXELS = 1 << 16  # pixels per block on CPU; see _row_chunks
+
+
+@dataclasses.dataclass
+class WarpConfig:
+    """How views are warped (GAPW or a forward-splat baseline)."""
+
+    method: WarpMethod = WarpMethod.GAPW  # gapw | soft_splat | zbuffer_splat
+    delta: float = DEFAULT_DELTA  # GAPW: a source step stretched beyond this many target px is a hole
+    hole_margin: float = DEFAULT_HOLE_MARGIN  # GAPW: px of a stretched step still shown by each end pixel
+
+    def __post_init__(self):
+        if self.delta < 1.0:
+            raise ValueError(f"warp.delta must be >= 1, got {self.delta}")
+        if not 0.0 <= self.hole_margin < self.delta / 2:
+            raise ValueError(f"warp.hole_margin must be in [0, warp.delta / 2), got {self.hole_margin}")
+
+    def options(self) -> dict:
+        """Keyword arguments for :func:`double_project` / :func:`warp`."""
+        return {"method": self.method, "delta": self.delta, "hole_margin": self.hole_margin}
 
 
 def as_direction(direction: Direction | str) -> Direction:

@@ -1,0 +1,207 @@
+"""Decode: probe encoded video bytes, plan clips, and decode them to resolution buckets.
+
+Input is the encoded file as ``bytes`` (never a path: the pipeline reads storage, the stage decodes).
+Frames leave as ``(T, H, W, 3) uint8`` RGB in display orientation.
+
+Decoder: ``decord2`` (imports as ``decord``; 3.4.0). Chosen over ``decord`` 0.6.0 because it reads AV1
+(decord 0.6.0 fails on it, checked here with an SVT-AV1 file), applies the container's display
+rotation itself, keeps decord's API (``VideoReader`` over a file object, random access by index,
+frame timestamps) and is maintained (2026 release); it decodes our H.264/MPEG-4 test clips at the same
+speed within noise (benchmarks/bench_stages.py). PyAV probes the container (codec, rotation, frame
+count), decord2 decodes the frames. Readers are opened inside the call, so each worker process opens
+its own (a decord reader must not cross a fork).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+
+import av
+import cv2
+import numpy as np
+
+from dreamstereo.types import ErrorCode, SampleError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "decode"
+DEFAULT_BUCKETS = ((480, 832), (576, 1024), (768, 1280))  # (height, width), landscape; Wan2.1 sizes
+
+
+@dataclasses.dataclass
+class DecodeConfig:
+    """Clip sampling and resizing."""
+
+    clip_frames: int = 49  # frames per clip; 4k + 1 as Wan's VAE needs
+    target_fps: float | None = None  # resample to this frame rate (never above the source); None = source
+    clip_stride: int | None = None  # frames (after resampling) between clip starts; None = clip_frames
+    max_clips: int = 4  # clips per video at most
+    buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
+    min_short_side: int = 256  # px; smaller videos are rejected as too small, larger ones may be upscaled
+
+    def __post_init__(self):
+        if self.clip_frames < 1 or (self.clip_stride is not None and self.clip_stride < 1) or self.max_clips < 1:
+            raise ValueError(f"decode: clip_frames, clip_stride and max_clips must be >= 1, got "
+                             f"{self.clip_frames}, {self.clip_stride}, {self.max_clips}")
+        if self.target_fps is not None and not self.target_fps > 0:
+            raise ValueError(f"decode.target_fps must be > 0 or None, got {self.target_fps}")
+        if not self.buckets or any(len(b) != 2 or min(b) < 2 for b in self.buckets):
+            raise ValueError(f"decode.buckets must be [height, width] pairs, got {self.buckets}")
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoProbe:
+    """What the container says about a video (sizes in display orientation)."""
+
+    frames: int
+    fps: float
+    width: int
+    height: int
+    rotation: int  # display rotation in degrees, counter-clockwise (0, 90, 180, 270)
+    codec: str
+    duration_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One decoded clip: ``frames (T, H, W, 3) uint8``, the source frame index of each, its fps and bucket."""
+
+    frames: np.ndarray
+    indices: tuple[int, ...]
+    fps: float
+    bucket: tuple[int, int]  # (height, width)
+
+
+def probe_video(data: bytes) -> VideoProbe:
+    """Read container metadata (and the first frame's display rotation) from encoded bytes.
+
+    Raises:
+        SampleError: ``DECODE_FAILED`` for unreadable bytes, ``NO_VIDEO_STREAM`` for e.g. audio-only files.
+    """
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.video:
+                raise SampleError(ErrorCode.NO_VIDEO_STREAM, STAGE, "the file has no video stream")
+            stream = container.streams.video[0]
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise SampleError(ErrorCode.DECODE_FAILED, STAGE, "no frame could be decoded")
+            rotation = _rotation_degrees(first.rotation)
+            fps = float(stream.average_rate or stream.guessed_rate or 0) or 0.0
+            duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+            frames = int(stream.frames or 0)
+            width, height = first.width, first.height
+            codec = stream.codec_context.name
+    except SampleError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as exc:
+        raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"{type(exc).__name__}: {exc}") from None
+    if rotation in (90, 270):
+        width, height = height, width
+    return VideoProbe(frames=frames, fps=fps, width=width, height=height, rotation=rotation, codec=codec,
+                      duration_s=duration)
+
+
+def _rotation_degrees(value) -> int:
+    """PyAV's display rotation as 0/90/180/270 (an unusable display matrix counts as no rotation)."""
+    value = int(value or 0)
+    return (round(value / 90) * 90) % 360 if -360 <= value <= 360 else 0
+
+
+def choose_bucket(width: int, height: int, cfg: DecodeConfig) -> tuple[int, int]:
+    """Largest bucket (oriented like the source) that fits without upscaling, else the smallest one.
+
+    Raises:
+        SampleError: ``TOO_SMALL`` when the short side is below ``cfg.min_short_side``.
+    """
+    if min(width, height) < cfg.min_short_side:
+        raise SampleError(ErrorCode.TOO_SMALL, STAGE, f"{width}x{height} is below the minimum short side "
+                                                      f"{cfg.min_short_side}")
+    portrait = height > width
+    oriented = sorted(((max(b), min(b)) if portrait else (min(b), max(b)) for b in cfg.buckets),
+                      key=lambda b: b[0] * b[1])
+    fitting = [b for b in oriented if b[0] <= height and b[1] <= width]
+    return fitting[-1] if fitting else oriented[0]
+
+
+def resize_center_crop(frames: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
+    """Scale ``(T, H, W, 3) uint8`` frames to cover ``bucket`` (height, width), then crop its centre."""
+    out_h, out_w = bucket
+    t, h, w, _ = frames.shape
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    out = np.empty((t, out_h, out_w, 3), np.uint8)
+    for k in range(t):
+        out[k] = cv2.resize(frames[k], (new_w, new_h), interpolation=interp)[top:top + out_h, left:left + out_w]
+    return out
+
+
+def plan_clips(timestamps: np.ndarray, source_fps: float, cfg: DecodeConfig) -> tuple[list[list[int]], float]:
+    """Source frame indices of each clip, sampling at ``cfg.target_fps`` by presentation time.
+
+    Args:
+        timestamps: ``(N,)`` float seconds, presentation time of every decodable frame (any spacing:
+            variable frame rate is handled by picking the frame nearest to each sample time).
+        source_fps: the container's average frame rate.
+
+    Returns:
+        (clips, fps): a list of index lists of length ``cfg.clip_frames``, and the clips' frame rate.
+
+    Raises:
+        SampleError: ``TOO_SHORT`` when not even one clip fits.
+    """
+    n = len(timestamps)
+    fps = source_fps if cfg.target_fps is None else min(cfg.target_fps, source_fps or cfg.target_fps)
+    if n == 0 or not fps > 0:
+        raise SampleError(ErrorCode.TOO_SHORT, STAGE, f"{n} frame(s) at {source_fps} fps")
+    start, end = float(timestamps[0]), float(timestamps[-1])
+    samples = int(math.floor((end - start) * fps + 1e-6)) + 1  # sample times within the video
+    if samples < cfg.clip_frames:
+        raise SampleError(ErrorCode.TOO_SHORT, STAGE, f"{samples} frame(s) at {fps:g} fps, a clip needs "
+                                                      f"{cfg.clip_frames}")
+    times = start + np.arange(samples) / fps
+    nearest = np.clip(np.searchsorted(timestamps, times), 1, n - 1)
+    nearest -= (times - timestamps[nearest - 1]) < (timestamps[nearest] - times)  # the closer neighbour
+    nearest = np.clip(nearest, 0, n - 1)
+    stride = cfg.clip_stride or cfg.clip_frames
+    starts = list(range(0, samples - cfg.clip_frames + 1, stride))[: cfg.max_clips]
+    return [nearest[s:s + cfg.clip_frames].tolist() for s in starts], fps
+
+
+def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]]:
+    """Probe, plan and decode every clip of one encoded video.
+
+    Args:
+        data: the encoded file's bytes.
+        cfg: clip sampling and buckets.
+
+    Returns:
+        The probe and the decoded clips (``frames (T, H, W, 3) uint8`` in display orientation).
+
+    Raises:
+        SampleError: ``DECODE_FAILED``, ``NO_VIDEO_STREAM``, ``TOO_SHORT`` or ``TOO_SMALL``.
+    """
+    import decord  # decord2; imported here so a worker opens its own library state
+
+    probe = probe_video(data)
+    bucket = choose_bucket(probe.width, probe.height, cfg)
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
+        clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
+        decoded = [reader.get_batch(indices).asnumpy() for indices in clips]
+    except SampleError:
+        raise
+    except (RuntimeError, decord.DECORDError, ValueError, IndexError) as exc:
+        raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    out = []
+    for indices, frames in zip(clips, decoded):
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"decoder returned frames of shape {frames.shape}")
+        out.append(Clip(resize_center_crop(frames, bucket), tuple(int(i) for i in indices), fps, bucket))
+    return probe, out
