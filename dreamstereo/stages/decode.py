@@ -3,13 +3,14 @@
 Input is the encoded file as ``bytes`` (never a path: the pipeline reads storage, the stage decodes).
 Frames leave as ``(T, H, W, 3) uint8`` RGB in display orientation.
 
-Decoder: ``decord2`` (imports as ``decord``; 3.4.0). Chosen over ``decord`` 0.6.0 because it reads AV1
-(decord 0.6.0 fails on it, checked here with an SVT-AV1 file), applies the container's display
-rotation itself, keeps decord's API (``VideoReader`` over a file object, random access by index,
-frame timestamps) and is maintained (2026 release); it decodes our H.264/MPEG-4 test clips at the same
-speed within noise (benchmarks/bench_stages.py). PyAV probes the container (codec, rotation, frame
-count), decord2 decodes the frames. Readers are opened inside the call, so each worker process opens
-its own (a decord reader must not cross a fork).
+Decoder choice (measured here, 2026-11-25): ``decord`` 0.6.0 decodes, through its ``VideoReader`` over a
+file object (random access by index, frame timestamps); PyAV decodes whatever decord cannot (AV1:
+decord 0.6.0 cannot open SVT-AV1 files; rotated streams: its batch copy fails on them) and applies the
+display rotation itself. A file counts as undecodable only when PyAV fails too. ``decord2`` 3.4.0, which imports as
+``decord`` and reads AV1, was evaluated and not taken: at some frame sizes (64x96, and a 48x80 clip
+with 90 degree rotation) it returns 4-channel frames whose contents are wrong (not RGBA; 73 grey
+levels mean error against decord 0.6.0) and ``get_batch`` fails. Readers are opened inside the call,
+so each worker process opens its own (a decord reader must not cross a fork).
 """
 
 from __future__ import annotations
@@ -186,22 +187,61 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
     Raises:
         SampleError: ``DECODE_FAILED``, ``NO_VIDEO_STREAM``, ``TOO_SHORT`` or ``TOO_SMALL``.
     """
-    import decord  # decord2; imported here so a worker opens its own library state
-
     probe = probe_video(data)
     bucket = choose_bucket(probe.width, probe.height, cfg)
     try:
-        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
-        timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
-        clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
-        decoded = [reader.get_batch(indices).asnumpy() for indices in clips]
-    except SampleError:
-        raise
-    except (RuntimeError, decord.DECORDError, ValueError, IndexError) as exc:
-        raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"{type(exc).__name__}: {str(exc)[:200]}") from None
+        clips, fps, decoded = _decode_with_decord(data, probe, cfg)
+    except _DecordCannot:
+        clips, fps, decoded = _decode_with_pyav(data, probe, cfg)
     out = []
     for indices, frames in zip(clips, decoded):
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"decoder returned frames of shape {frames.shape}")
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1:3] != (probe.height, probe.width):
+            raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"decoder returned frames of shape {frames.shape}, "
+                                                              f"expected {probe.height}x{probe.width}x3")
         out.append(Clip(resize_center_crop(frames, bucket), tuple(int(i) for i in indices), fps, bucket))
     return probe, out
+
+
+class _DecordCannot(Exception):
+    """decord could not open the stream (e.g. AV1); PyAV takes over."""
+
+
+def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
+    import decord  # imported here so a worker process sets up its own library state
+
+    try:
+        reader = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+    except (RuntimeError, decord.DECORDError) as exc:
+        logger.debug("decord cannot open the stream (%s); decoding with PyAV", str(exc)[:100])
+        raise _DecordCannot from None
+    try:
+        timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
+        clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
+        return clips, fps, [reader.get_batch(indices).asnumpy() for indices in clips]
+    except (RuntimeError, decord.DECORDError, IndexError) as exc:
+        # e.g. decord's batch copy fails on rotated streams (size check); PyAV decides for good.
+        logger.debug("decord failed (%s); decoding with PyAV", str(exc)[:100])
+        raise _DecordCannot from None
+
+
+def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
+    """Two passes: packet timestamps to plan the clips, then decode up to the last frame needed."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+            timestamps = np.asarray(pts, np.float64) * float(stream.time_base)
+        clips, fps = plan_clips(timestamps, probe.fps, cfg)
+        wanted = {i for clip in clips for i in clip}
+        frames: dict[int, np.ndarray] = {}
+        with av.open(io.BytesIO(data)) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                if index in wanted:
+                    frames[index] = np.rot90(frame.to_ndarray(format="rgb24"), k=probe.rotation // 90)
+                if index >= max(wanted):
+                    break
+        return clips, fps, [np.stack([frames[i] for i in clip]) for clip in clips]
+    except SampleError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"{type(exc).__name__}: {str(exc)[:200]}") from None

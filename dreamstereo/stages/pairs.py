@@ -1,0 +1,70 @@
+"""Training pairs: PBDP on a clip with its disparity in pixels (issue 3, built on stages/gapw.py).
+
+A pair is ``(V1 clean, V1' round trip, M1, disparity)``. By default the round trip goes through the
+view OPPOSITE to the eye that inference synthesizes (``training_direction``; docs/method.md), so the
+training holes have the sidedness of the inference holes. An optional horizontal flip (decided from
+the sample key) mirrors frames and disparity before the projection, which mirrors the hole sidedness
+too; it is recorded with the sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from dreamstereo.stages.disparity import rng_for
+from dreamstereo.stages.gapw import WarpConfig, double_project, training_direction
+from dreamstereo.types import Direction
+
+
+@dataclasses.dataclass
+class PairConfig:
+    """How a clip becomes a training pair."""
+
+    synthesized_eye: Direction = Direction.RIGHT  # the eye inference makes; pairs go through the other view
+    flip_probability: float = 0.0  # chance of a horizontal flip per clip (seeded from the sample key)
+    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
+
+    def __post_init__(self):
+        if not 0.0 <= self.flip_probability <= 1.0:
+            raise ValueError(f"pairs.flip_probability must be in [0, 1], got {self.flip_probability}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPair:
+    """One training sample's arrays.
+
+    clean: ``(T, H, W, 3) uint8``, V1 (flipped if ``flipped``). warped: ``(T, H, W, 3) uint8``, V1' the
+    round trip. mask: ``(T, H, W) bool``, M1 (True = hole to inpaint). disparity: ``(T, H, W) float32``
+    pixels of V1. direction: where the round trip went.
+    """
+
+    clean: np.ndarray
+    warped: np.ndarray
+    mask: np.ndarray
+    disparity: np.ndarray
+    direction: Direction
+    flipped: bool
+
+
+def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairConfig) -> TrainingPair:
+    """Double-project a clip into a training pair; the flip (if any) is seeded from ``key``.
+
+    Args:
+        frames: ``(T, H, W, 3) uint8`` clip. disparity_px: ``(T, H, W)`` float pixels, larger = nearer.
+        key: the sample key (seeds the flip). cfg: pair settings.
+    """
+    if frames.shape[:3] != disparity_px.shape:
+        raise ValueError(f"`disparity_px` shape {disparity_px.shape} does not match `frames` {frames.shape[:3]}")
+    flipped = bool(rng_for(key, "flip").random() < cfg.flip_probability)
+    if flipped:
+        frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
+    direction = training_direction(cfg.synthesized_eye)
+    view = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
+    disp = torch.from_numpy(np.ascontiguousarray(disparity_px, dtype=np.float32))
+    result = double_project(view, disp, direction, **cfg.warp.options())
+    warped = result.view1.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return TrainingPair(clean=np.ascontiguousarray(frames), warped=warped, mask=result.mask1.numpy(),
+                        disparity=disp.numpy(), direction=direction, flipped=flipped)
