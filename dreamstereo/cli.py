@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -64,9 +65,33 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, MediaError, FileNotFoundError) as exc:
+    except (ConfigError, MediaError, OSError) as exc:  # OSError: missing files, no space, no permission
         print(f"dreamstereo {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _check_output_folder(path: str) -> None:
+    """Fail before any work if ``path`` cannot become a writable folder."""
+    from dreamstereo.media import MediaError
+
+    out = Path(path)
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if out.exists() and not out.is_dir():
+        raise MediaError(f"output {path!r} exists and is not a folder")
+    if existing is not None and (not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK)):
+        raise MediaError(f"output {path!r}: {str(existing)!r} is not a writable folder")
+
+
+def _check_output_file(path: str) -> None:
+    """Fail before any work if ``path`` cannot be written as a file."""
+    from dreamstereo.media import MediaError
+
+    out = Path(path)
+    if out.is_dir():
+        raise MediaError(f"output {path!r} is a folder, need a file name")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MediaError(f"output {path!r}: {str(parent)!r} is not a writable folder")
 
 
 def _cmd_pbdp(args) -> int:
@@ -79,6 +104,7 @@ def _cmd_pbdp(args) -> int:
     if args.disparity_scale is not None:
         overrides.append(f"disparity_scale={args.disparity_scale}")
     cfg = load_config(PbdpConfig, args.config, overrides)
+    _check_output_folder(args.out)
     manifest = run_pbdp(args.input, args.disparity, args.out, cfg)
     print(f"wrote {args.out}: {', '.join(manifest['outputs'].values())} "
           f"(mask1 {100 * manifest['mask1_ratio']:.2f}%, round trip {manifest['roundtrip_psnr_db']:.2f} dB)")
@@ -90,6 +116,7 @@ def _cmd_warp_eval(args) -> int:
     from dreamstereo.warp_eval import evaluate_folder, format_table
 
     cfg = load_config(WarpEvalConfig, args.config, args.overrides)
+    _check_output_file(args.json)
     opts = cfg.warp.options()
     opts.pop("method")
     rows = evaluate_folder(args.folder, cfg.methods, **opts)
@@ -106,6 +133,7 @@ def _cmd_demo(args) -> int:
     from dreamstereo.tools import run_demo
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
+    _check_output_folder(args.out)
     manifest = run_demo(args.out, cfg)
     print(f"demo: scene and pbdp outputs in {args.out}/ (round trip through the {manifest['direction']} view; "
           f"mask1 {100 * manifest['mask1_ratio']:.2f}% of pixels, IoU vs analytic "

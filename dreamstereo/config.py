@@ -42,13 +42,13 @@ class PbdpConfig:
 
     warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
     direction: Direction = Direction.RIGHT  # where view 2 lies: right | left
-    disparity_scale: float = 1.0  # multiplies the disparity file's values to get pixels (PNG: e.g. 1/256)
+    disparity_scale: float | None = None  # pixels per stored unit (required for PNG, e.g. 1/256); None = 1
     video_output: VideoOutput = VideoOutput.LOSSLESS  # lossless | png, for video inputs
     preview_frame: int = 0  # frame of a video shown in preview.png
     chunk_frames: int = 16  # frames of a video processed at once (memory ~ 100 MB per 16 frames at 720p)
 
     def __post_init__(self):
-        if not self.disparity_scale > 0:
+        if self.disparity_scale is not None and not self.disparity_scale > 0:
             raise ConfigError(f"disparity_scale must be > 0, got {self.disparity_scale}")
         if self.chunk_frames < 1:
             raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import re
 import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -93,12 +95,17 @@ class DisparitySource:
 
     Formats: ``.npy`` (memory-mapped, so a long clip is never loaded whole); ``.npz`` with an array
     named ``disparity`` (or a single array); ``.pfm``; an 8- or 16-bit ``.png`` whose values times
-    ``scale`` are pixels. ``scale`` multiplies every format. A single map counts as one frame.
+    ``scale`` are pixels (required for PNG: integer images store scaled values). ``scale`` multiplies
+    every format (default 1). A single map counts as one frame.
     """
 
-    def __init__(self, path: str | Path, *, scale: float = 1.0):
-        self.path, self.scale = Path(path), float(scale)
+    def __init__(self, path: str | Path, *, scale: float | None = None):
+        self.path = Path(path)
         name, suffix = repr(str(self.path)), self.path.suffix.lower()
+        if suffix == ".png" and scale is None:
+            raise MediaError(f"disparity file {name}: a PNG stores scaled integers; give its scale in pixels "
+                             f"per unit (--disparity-scale, e.g. 0.5 for Middlebury, 1/256 for 16-bit KITTI)")
+        self.scale = 1.0 if scale is None else float(scale)
         if not self.path.is_file():
             raise MediaError(f"disparity file {name}: no such file")
         if suffix not in DISPARITY_SUFFIXES:
@@ -112,7 +119,7 @@ class DisparitySource:
             raise MediaError(f"disparity file {name}: cannot read ({exc})") from None
         if disp.ndim == 2:
             disp = disp[None]
-        if disp.ndim != 3 or not np.issubdtype(disp.dtype, np.number):
+        if disp.ndim != 3 or not (np.issubdtype(disp.dtype, np.floating) or np.issubdtype(disp.dtype, np.integer)):
             raise MediaError(f"disparity file {name}: need a numeric (H, W) or (T, H, W) array, "
                              f"got {disp.dtype} {disp.shape}")
         self._array = disp
@@ -151,7 +158,7 @@ class DisparitySource:
         return disp
 
 
-def read_disparity(path: str | Path, *, scale: float = 1.0) -> np.ndarray:
+def read_disparity(path: str | Path, *, scale: float | None = None) -> np.ndarray:
     """Read a whole disparity file as ``(T, H, W)`` float32 pixels; see :class:`DisparitySource`."""
     return DisparitySource(path, scale=scale).frames()
 
@@ -163,7 +170,12 @@ def _read_pfm(path: Path) -> np.ndarray:
         if header != b"Pf":
             raise MediaError(f"disparity file {str(path)!r}: PFM header {header!r}, need b'Pf' (grayscale)")
         dims = re.findall(rb"\d+", fh.readline())
-        scale = float(fh.readline().strip())
+        try:
+            scale = float(fh.readline().strip())
+        except ValueError:
+            scale = None
+        if len(dims) != 2 or scale is None:
+            raise MediaError(f"disparity file {str(path)!r}: PFM header needs 'width height' and a scale line")
         w, h = int(dims[0]), int(dims[1])
         data = np.fromfile(fh, dtype="<f4" if scale < 0 else ">f4", count=w * h)
     if data.size != w * h:
@@ -344,3 +356,24 @@ def _fps_fraction(fps: float):
     if not fps > 0:
         raise MediaError(f"frame rate must be > 0, got {fps}")
     return Fraction(fps).limit_denominator(1001)
+
+
+def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 10) -> bytes:
+    """H.264 mp4 (yuv420p, faststart) of ``(T, H, W, 3)`` frames, returned as bytes.
+
+    faststart rewrites the file after encoding, which FFmpeg only does on a named file, so the video is
+    encoded into a private temporary file and read back.
+    """
+    with tempfile.TemporaryDirectory(prefix="dreamstereo-") as tmp:
+        path = Path(tmp) / "clip.mp4"
+        write_video(path, frames, fps, crf=crf)
+        return path.read_bytes()
+
+
+def decode_video_bytes(data: bytes) -> np.ndarray:
+    """Every frame of an in-memory video as ``(T, H, W, 3) uint8``."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    except (av.FFmpegError, ValueError, IndexError) as exc:
+        raise MediaError(f"in-memory video: cannot decode ({type(exc).__name__}: {exc})") from None

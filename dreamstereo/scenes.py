@@ -127,7 +127,8 @@ def render(layers: list[Layer] | tuple[Layer, ...], *, width: int, height: int, 
         Scene with frames, disparity and the masks for both directions.
     """
     layers = tuple(layers)
-    if not layers or not math.isinf(layers[0].x0) or not math.isinf(layers[0].y0):
+    first = layers[0] if layers else None
+    if first is None or not all(math.isinf(v) for v in (first.x0, first.x1, first.y0, first.y1)):
         raise ValueError("`layers[0]` must be an unbounded background layer (default extents)")
     for lay in layers:
         if abs(lay.slope) >= 1.0:

@@ -72,8 +72,9 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
     """Double-project an image or a video with its disparity; write views, masks, preview and manifest.
 
     A video is streamed in chunks of ``cfg.chunk_frames`` frames, so its length is not bounded by
-    memory. Every input is checked before anything is written, and each output appears under its
-    name only once it is complete. Returns the manifest also written to ``out_dir/manifest.json``.
+    memory. Inputs are checked before anything is written (a NaN deep inside a long video's disparity
+    is found when its chunk is read); each output appears under its name only once it is complete, so
+    a failure leaves nothing behind. Returns the manifest also written to ``out_dir/manifest.json``.
     """
     start = time.perf_counter()
     input_path, out_dir = Path(input_path), Path(out_dir)

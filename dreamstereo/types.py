@@ -48,8 +48,8 @@ class WarpResult(tuple):
     """``(view, disparity, mask)`` of one warp; also readable by name.
 
     view: ``(T, 3, H, W)`` float, the synthesized view.
-    disparity: ``(T, H, W)`` float, disparity in pixels of the synthesized view (holes carry the
-        background-side value).
+    disparity: ``(T, H, W)`` float, disparity in pixels of the synthesized view (in holes: the
+        background-side value for GAPW, 0 for the splat baselines).
     mask: ``(T, H, W)`` bool, True where the synthesized view has no source (hole).
     """
 
@@ -69,7 +69,8 @@ class DoubleProjection:
 
     Attributes:
         view2: ``(T, 3, H, W)`` float in [0, 1], view 1 warped to view 2.
-        disparity2: ``(T, H, W)`` float, pixels, disparity of view 2 (background-filled in holes).
+        disparity2: ``(T, H, W)`` float, pixels, disparity of view 2 (in holes: background-filled for
+            GAPW, 0 for the splat baselines).
         mask2: ``(T, H, W)`` bool, holes of view 2 (disocclusions and frame borders).
         view1: ``(T, 3, H, W)`` float in [0, 1], the round trip back to view 1.
         mask1: ``(T, H, W)`` bool, pixels of view 1 that view 2 cannot see.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -171,5 +172,24 @@ def test_demo_writes_scene_and_pairs(capsys, tmp_path):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "dreamstereo.cli", "--version"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "dreamstereo"  # the entry point pip installed next to python
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("dreamstereo ")
+
+
+@pytest.mark.parametrize("command", ["pbdp", "demo", "warp-eval"])
+def test_unusable_output_paths_exit_2_before_any_work(capsys, tmp_path, image_pair, command):
+    _, left, disp = image_pair
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    if command == "pbdp":
+        argv = ["pbdp", str(left), "--disparity", str(disp), "--out", str(a_file / "sub")]
+    elif command == "demo":
+        argv = ["demo", "--out", str(a_file)]
+    else:
+        _write_middlebury_like_pair(tmp_path / "pairs" / "Step")
+        argv = ["warp-eval", str(tmp_path / "pairs"), "--json", str(tmp_path)]
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert stdout == ""  # nothing was computed or printed first
+    assert a_file.read_text() == "x"

@@ -34,7 +34,11 @@ def test_disparity_formats_round_trip(tmp_path, disp):
     ("nan.npy", "nan", "NaN or inf"),
     ("d.txt", b"1 2 3", "unsupported format"),
     ("rgb.png", "rgb", "channels"),
+    ("gray.png", "gray", "give its scale"),
     ("two.npz", "two", "no array named 'disparity'"),
+    ("complex.npy", "complex", "numeric"),
+    ("bad.pfm", b"Pf\n\n-1.0\n", "PFM header"),
+    ("color.pfm", b"PF\n2 2\n-1.0\n" + bytes(48), "grayscale"),
 ])
 def test_bad_disparity_files_are_named(tmp_path, name, content, needle):
     path = tmp_path / name
@@ -42,12 +46,16 @@ def test_bad_disparity_files_are_named(tmp_path, name, content, needle):
         np.save(path, np.full((2, 2), np.nan, np.float32))
     elif content == "rgb":
         cv2.imwrite(str(path), np.zeros((4, 4, 3), np.uint8))
+    elif content == "gray":
+        cv2.imwrite(str(path), np.zeros((4, 4), np.uint16))
+    elif content == "complex":
+        np.save(path, np.zeros((2, 2), np.complex64))
     elif content == "two":
         np.savez(path, a=np.zeros(2), b=np.zeros(2))
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(media.MediaError, match=needle) as info:
-        media.read_disparity(path)
+        media.read_disparity(path, scale=1.0 if content == "rgb" else None)
     assert name in str(info.value)
 
 
@@ -67,6 +75,6 @@ def test_unreadable_video_is_a_media_error_and_no_temp_left(tmp_path):
     bad.write_bytes(b"\x00" * 100)
     with pytest.raises(media.MediaError, match="bad.mp4"):
         media.read_video(bad)
-    with pytest.raises(Exception):
+    with pytest.raises(media.MediaError, match="frame rate"):
         media.write_video(tmp_path / "out.mp4", np.zeros((1, 4, 4, 3), np.uint8), fps=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]

@@ -37,6 +37,8 @@ def test_slanted_layer_disparity_and_no_folds():
         render([Layer(disparity=3.0, slope=1.2)], width=8, height=1, num_frames=1)
     with pytest.raises(ValueError, match="background"):
         render([Layer(disparity=3.0, x0=2.5, x1=5.5)], width=8, height=1, num_frames=1)
+    with pytest.raises(ValueError, match="background"):
+        render([Layer(disparity=3.0, x1=10.0)], width=16, height=1, num_frames=1)
 
 
 def test_demo_scene_is_deterministic_and_holes_are_wide():

@@ -242,8 +242,13 @@ def gapw_warp(
     return WarpResult(view, disparity2, disocclusion | border)
 
 
+@torch.no_grad()
 def _gapw(frames, disparity, direction, delta, hole_margin, source_valid):
-    """:func:`gapw_warp` with the disocclusion and border parts of the mask kept apart."""
+    """:func:`gapw_warp` with the disocclusion and border parts of the mask kept apart.
+
+    Not differentiable: the source of each target is an integer choice (data generation and masks
+    need no gradients), so it runs without autograd whatever its inputs require.
+    """
     direction = as_direction(direction)
     check_warp_inputs(frames, disparity, source_valid)
     if not delta >= 1.0:

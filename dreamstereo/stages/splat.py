@@ -20,7 +20,8 @@ from dreamstereo.types import Direction, WarpResult
 
 SOFT_SPLAT_WEIGHT_BASE = 1.414  # StereoCrafter's depth weight base: w = 1.414 ** (d - d_min)
 SOFT_SPLAT_COVERAGE = 0.5  # a target with splatted coverage below this is a hole (issue 2)
-_MAX_WEIGHT_EXPONENT = 200.0  # keeps 1.414 ** x finite in float32 for disparity ranges > 200 px
+_FLOAT32_EXPONENT = 200.0  # disparity range (px) up to which weights are summed in float32
+_MAX_WEIGHT_EXPONENT = 1900.0  # 1.414 ** 1900 ~ 1e286 in float64: depth order exact up to 1900 px
 
 
 def _landing(disparity: torch.Tensor, direction: Direction) -> torch.Tensor:
@@ -42,7 +43,7 @@ def _flat_index(columns: torch.Tensor, width: int) -> torch.Tensor:
     inside = (columns >= 0) & (columns < width)
     rows = torch.arange(h, device=columns.device).view(1, h, 1) * width  # (1, H, 1)
     index = torch.where(inside, rows + columns, h * width)  # (T, H, W)
-    return index.view(t, h * w)
+    return index.reshape(t, h * w)
 
 
 def soft_splat_warp(
@@ -60,25 +61,30 @@ def soft_splat_warp(
     frac = landing - left  # bilinear weight of the right neighbour
     left = left.long()
 
+    # Weights grow by 1.414 per pixel of disparity: a range beyond 200 px would overflow float32
+    # (1.414 ** 256 ~ 3e38), so such inputs accumulate in float64 and keep their depth order.
     d_min = disparity.amin(dim=(1, 2), keepdim=True)  # (T, 1, 1)
-    depth_weight = SOFT_SPLAT_WEIGHT_BASE ** (disparity - d_min).clamp(max=_MAX_WEIGHT_EXPONENT)
+    exponent = disparity - d_min
+    acc = torch.float64 if float(exponent.max()) > _FLOAT32_EXPONENT else frames.dtype
+    depth_weight = torch.pow(SOFT_SPLAT_WEIGHT_BASE, exponent.to(acc).clamp(max=_MAX_WEIGHT_EXPONENT))
     coverage_weight = torch.ones_like(disparity)
     if source_valid is not None:
         depth_weight = depth_weight * source_valid
         coverage_weight = coverage_weight * source_valid
 
-    values = torch.cat([frames, disparity.unsqueeze(1)], dim=1).view(t, c + 1, h * w)  # (T, C+1, H*W)
-    numer = frames.new_zeros(t, c + 1, h * w + 1)
-    denom = frames.new_zeros(t, h * w + 1)
+    values = torch.cat([frames, disparity.unsqueeze(1)], dim=1).reshape(t, c + 1, h * w).to(acc)  # (T, C+1, H*W)
+    numer = values.new_zeros(t, c + 1, h * w + 1)
+    denom = values.new_zeros(t, h * w + 1)
     cover = frames.new_zeros(t, h * w + 1)
     for offset, bilinear in ((0, 1.0 - frac), (1, frac)):
         index = _flat_index(left + offset, w)  # (T, H*W)
-        weight = (depth_weight * bilinear).view(t, h * w)
+        weight = (depth_weight * bilinear.to(acc)).reshape(t, h * w)
         numer.scatter_add_(2, index.unsqueeze(1).expand(-1, c + 1, -1), values * weight.unsqueeze(1))
         denom.scatter_add_(1, index, weight)
-        cover.scatter_add_(1, index, (coverage_weight * bilinear).view(t, h * w))
+        cover.scatter_add_(1, index, (coverage_weight * bilinear).reshape(t, h * w))
 
-    splatted = (numer[..., :-1] / denom[:, None, :-1].clamp(min=1e-8)).view(t, c + 1, h, w)
+    tiny = torch.finfo(acc).tiny
+    splatted = (numer[..., :-1] / denom[:, None, :-1].clamp(min=tiny)).view(t, c + 1, h, w).to(frames.dtype)
     hole = (cover[:, :-1] < SOFT_SPLAT_COVERAGE).view(t, h, w)
     return WarpResult(splatted[:, :c].clamp(0.0, 1.0), splatted[:, c], hole)
 
@@ -96,7 +102,7 @@ def zbuffer_splat_warp(
     landing = _landing(disparity, direction).round().long()  # (T, H, W) nearest target column
     index = _flat_index(landing, w)  # (T, H*W)
     if source_valid is not None:
-        index = torch.where(source_valid.view(t, h * w), index, h * w)
+        index = torch.where(source_valid.reshape(t, h * w), index, h * w)
     flat_disp = disparity.reshape(t, h * w)
 
     # 1. Nearest surface per target: the largest disparity that lands there.

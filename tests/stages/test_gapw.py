@@ -264,6 +264,12 @@ def test_bad_input_raises_value_error_naming_the_argument(fn, kwargs, needle):
         fn(args["frames"], args["disparity"], args["direction"])
 
 
+def test_inputs_that_require_grad_are_warped_without_autograd():
+    disparity = torch.full((1, 4, 16), 2.0, requires_grad=True)
+    result = double_project(_frames(1, 4, 16), disparity, "right")
+    assert not result.view2.requires_grad and np.flatnonzero(result.mask2[0, 0]).tolist() == [14, 15]
+
+
 def test_bad_method_and_delta():
     frames, disparity = torch.zeros(1, 3, 4, 8), torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="`method='splat'` must be one of"):

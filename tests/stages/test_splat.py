@@ -72,3 +72,25 @@ def test_invalid_sources_are_absent(splat):
     valid[..., 5:8] = False
     _, _, mask = splat(frames, torch.zeros(1, 2, 16), "right", source_valid=valid)
     assert np.flatnonzero(mask[0, 0].numpy()).tolist() == [5, 6, 7]
+
+
+@pytest.mark.parametrize("splat", SPLATS)
+def test_non_contiguous_inputs(splat):
+    frames = torch.rand(1, 3, 16, 24).transpose(2, 3).contiguous().transpose(2, 3)  # strided view
+    disparity = (torch.rand(1, 24, 16) * 4).transpose(1, 2)  # (1, 16, 24), not contiguous
+    out = splat(frames, disparity, "right")
+    ref = splat(frames.contiguous(), disparity.contiguous(), "right")
+    assert torch.equal(out.mask, ref.mask) and torch.allclose(out.view, ref.view)
+
+
+def test_soft_splat_keeps_depth_order_beyond_200_px():
+    # Two surfaces 150 px apart in disparity, 250 and 400 px in front of the far plane, land on
+    # target 100: the nearer (400 px) must win outright.
+    w = 600
+    disparity = torch.zeros(1, 1, w)
+    disparity[0, 0, 350] = 250.0  # lands on 100
+    disparity[0, 0, 500] = 400.0  # lands on 100
+    frames = torch.zeros(1, 3, 1, w)
+    frames[0, 0, 0, 500] = 1.0  # the near surface is red
+    view, disp2, _ = soft_splat_warp(frames, disparity, "right")
+    assert view[0, 0, 0, 100] > 0.999 and disp2[0, 0, 100] == pytest.approx(400.0, abs=1e-3)
