@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
 
+    p = sub.add_parser("process", help="the clip chain on one video: samples, verdicts, preview")
+    p.add_argument("video", help="a video file")
+    p.add_argument("--out", required=True, help="output folder for <key>.<ext> members and preview.png")
+    p.add_argument("--depth", choices=["oracle", "depth-anything-v2"], help="depth backend (default: config)")
+    _add_config_args(p)
+
     p = sub.add_parser("warp-eval", help="mask quality of each warp method on real stereo pairs")
     p.add_argument("folder", help="folder of pair folders laid out like Middlebury 2005/2006")
     p.add_argument("--json", default="warp-eval.json", help="where to write the table as JSON")
@@ -111,6 +117,23 @@ def _cmd_pbdp(args) -> int:
     return 0
 
 
+def _cmd_process(args) -> int:
+    from dreamstereo.config import ProcessConfig, load_config
+    from dreamstereo.process import run_process
+    from dreamstereo.stages.depth import DepthWeightsError
+
+    overrides = list(args.overrides) + ([f"depth.backend={args.depth}"] if args.depth else [])
+    cfg = load_config(ProcessConfig, args.config, overrides)
+    _check_output_folder(args.out)
+    try:
+        manifest = run_process(args.video, args.out, cfg)
+    except DepthWeightsError as exc:
+        print(f"dreamstereo process: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.video}: {manifest['kept']} of {len(manifest['clips'])} clip(s) kept -> {args.out}")
+    return 0
+
+
 def _cmd_warp_eval(args) -> int:
     from dreamstereo.config import WarpEvalConfig, config_hash, load_config
     from dreamstereo.warp_eval import evaluate_folder, format_table
@@ -142,7 +165,7 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"pbdp": _cmd_pbdp, "warp-eval": _cmd_warp_eval, "demo": _cmd_demo}
+_COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "warp-eval": _cmd_warp_eval, "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,12 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dreamstereo.stages.decode import DecodeConfig
+from dreamstereo.stages.depth import DepthConfig
+from dreamstereo.stages.disparity import DisparityConfig
 from dreamstereo.stages.gapw import WarpConfig  # noqa: F401  (re-exported: part of every schema)
+from dreamstereo.stages.pairs import PairConfig
+from dreamstereo.stages.quality import QualityConfig
 from dreamstereo.types import Direction, WarpMethod
 
 logger = logging.getLogger(__name__)
@@ -131,3 +136,18 @@ def to_yaml(config: Any) -> str:
 def config_hash(config: Any) -> str:
     """Short stable hash of a resolved config, for stats files and manifests."""
     return hashlib.sha256(json.dumps(to_plain(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class ProcessConfig:
+    """``dreamstereo process``: the clip chain on one video, without Ray."""
+
+    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+    disparity: DisparityConfig = dataclasses.field(default_factory=DisparityConfig)
+    pairs: PairConfig = dataclasses.field(default_factory=PairConfig)
+    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
+    device: str = "cpu"  # where depth models run: cpu, cuda, cuda:1, ...
+
+
+SCHEMAS["process"] = ProcessConfig

@@ -182,7 +182,8 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
         cfg: clip sampling and buckets.
 
     Returns:
-        The probe and the decoded clips (``frames (T, H, W, 3) uint8`` in display orientation).
+        The probe (``frames`` = the frames that decode) and the decoded clips (``frames (T, H, W, 3)
+        uint8`` in display orientation).
 
     Raises:
         SampleError: ``DECODE_FAILED``, ``NO_VIDEO_STREAM``, ``TOO_SHORT`` or ``TOO_SMALL``.
@@ -190,9 +191,10 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
     probe = probe_video(data)
     bucket = choose_bucket(probe.width, probe.height, cfg)
     try:
-        clips, fps, decoded = _decode_with_decord(data, probe, cfg)
+        clips, fps, decoded, count = _decode_with_decord(data, probe, cfg)
     except _DecordCannot:
-        clips, fps, decoded = _decode_with_pyav(data, probe, cfg)
+        clips, fps, decoded, count = _decode_with_pyav(data, probe, cfg)
+    probe = dataclasses.replace(probe, frames=count)  # what decodes, not what the container claims
     out = []
     for indices, frames in zip(clips, decoded):
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1:3] != (probe.height, probe.width):
@@ -217,7 +219,7 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
     try:
         timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
         clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
-        return clips, fps, [reader.get_batch(indices).asnumpy() for indices in clips]
+        return clips, fps, [reader.get_batch(indices).asnumpy() for indices in clips], len(timestamps)
     except (RuntimeError, decord.DECORDError, IndexError) as exc:
         # e.g. decord's batch copy fails on rotated streams (size check); PyAV decides for good.
         logger.debug("decord failed (%s); decoding with PyAV", str(exc)[:100])
@@ -240,7 +242,7 @@ def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
                     frames[index] = np.rot90(frame.to_ndarray(format="rgb24"), k=probe.rotation // 90)
                 if index >= max(wanted):
                     break
-        return clips, fps, [np.stack([frames[i] for i in clip]) for clip in clips]
+        return clips, fps, [np.stack([frames[i] for i in clip]) for clip in clips], len(timestamps)
     except SampleError:
         raise
     except (av.FFmpegError, OSError, ValueError, KeyError, IndexError) as exc:

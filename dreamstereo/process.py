@@ -1,0 +1,185 @@
+"""``dreamstereo process``: the clip chain on one video, without Ray.
+
+decode -> depth -> disparity in pixels -> PBDP training pair -> quality verdict -> sample members.
+Every clip ends as one line and one manifest entry: kept (members written as ``DIR/<key>.<ext>``),
+rejected with a reason and its scores, or failed with an error code. The distributed pipeline runs the
+same per-clip function (:func:`process_clip`) inside its Ray operators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dreamstereo import __version__, media, preview
+from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
+from dreamstereo.sample import encode_sample, make_key, write_sample_files
+from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity
+from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
+from dreamstereo.stages.pairs import make_pair
+from dreamstereo.stages.quality import decide, score_quality
+from dreamstereo.types import ErrorCode, SampleError
+
+logger = logging.getLogger(__name__)
+
+UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
+
+
+def sidecar_path(video: str | Path) -> Path:
+    """``<video stem>.disparity.npz`` next to the video (the oracle backend's input)."""
+    video = Path(video)
+    return video.with_name(f"{video.stem}.disparity.npz")
+
+
+def read_sidecar(video: str | Path) -> np.ndarray:
+    """The oracle disparity of a video, ``(T, H, W)`` float32.
+
+    Raises:
+        SampleError: ``DEPTH_MISSING`` when there is no readable sidecar.
+    """
+    path = sidecar_path(video)
+    try:
+        return media.read_disparity(path)
+    except media.MediaError as exc:
+        raise SampleError(ErrorCode.DEPTH_MISSING, "depth", str(exc)) from None
+
+
+@dataclasses.dataclass
+class ClipResult:
+    """What became of one clip: ``status`` kept | rejected | failed, with the reason and scores."""
+
+    key: str
+    clip_index: int
+    status: str
+    reason: str | None
+    scores: dict
+    members: dict[str, bytes] | None = None
+    preview: np.ndarray | None = None
+
+    def record(self) -> dict:
+        return {"key": self.key, "clip_index": self.clip_index, "status": self.status, "reason": self.reason,
+                "scores": self.scores}
+
+
+def process_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relative: np.ndarray,
+                 cfg: ProcessConfig, depth_weights: str | None) -> ClipResult:
+    """Disparity -> pair -> verdict -> members for one decoded clip with its relative disparity."""
+    key = make_key(source, clip_index)
+    frames = clip.frames
+    width = frames.shape[2]
+    pre = score_quality(frames, relative, None)
+    verdict = decide(pre, cfg.quality, check_mask=False)
+    if not verdict.keep:
+        return ClipResult(key, clip_index, "rejected", verdict.reason.value, dataclasses.asdict(pre))
+    max_disparity = sample_max_disparity(key, cfg.disparity)
+    disparity_px = normalize_disparity(relative, width, max_disparity, cfg.disparity.convergence)
+    pair = make_pair(frames, disparity_px, key, cfg.pairs)
+    scores = score_quality(frames, relative, pair.mask)
+    verdict = decide(scores, cfg.quality)
+    if not verdict.keep:
+        return ClipResult(key, clip_index, "rejected", verdict.reason.value, dataclasses.asdict(scores))
+    meta = {
+        "key": key, "source": source, "clip_index": clip_index, "frame_indices": list(clip.indices),
+        "fps": clip.fps, "height": int(frames.shape[1]), "width": width, "bucket": list(clip.bucket),
+        "source_width": probe.width, "source_height": probe.height, "rotation": probe.rotation,
+        "codec": probe.codec, "max_disparity": max_disparity, "max_disparity_px": max_disparity * width,
+        "convergence": cfg.disparity.convergence, "direction": pair.direction.value,
+        "synthesized_eye": cfg.pairs.synthesized_eye.value, "flip": pair.flipped,
+        "mask_ratio": scores.mask_ratio, "quality": dataclasses.asdict(scores),
+        "depth_backend": cfg.depth.backend.value, "depth_weights": depth_weights,
+        "warp": to_plain(cfg.pairs.warp), "config_hash": config_hash(cfg), "package_version": __version__,
+    }
+    members = encode_sample(pair.clean, pair.warped, pair.mask, pair.disparity, meta, clip.fps)
+    sheet = preview.contact_sheet([
+        ("frame", pair.clean[0]),
+        ("disparity", preview.colourize_disparity(pair.disparity[0])),
+        ("round trip", pair.warped[0]),
+        ("mask", preview.overlay_mask(pair.clean[0], pair.mask[0])),
+    ])
+    return ClipResult(key, clip_index, "kept", None, dataclasses.asdict(scores), members, sheet)
+
+
+def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, echo=print) -> dict:
+    """Run the chain on one video; write kept samples, ``preview.png``, ``manifest.json``, ``config.yaml``.
+
+    Raises:
+        media.MediaError: the video cannot be read (nothing is written then).
+    """
+    start = time.perf_counter()
+    video, out_dir = Path(video), Path(out_dir)
+    source = str(video)
+    try:
+        data = video.read_bytes()
+    except OSError as exc:
+        raise media.MediaError(f"{source!r}: cannot read ({exc.strerror or exc})") from None
+    results: list[ClipResult] = []
+    try:
+        probe, clips = decode_clips(data, cfg.decode)
+    except SampleError as exc:
+        if exc.code in UNREADABLE:
+            raise media.MediaError(f"{source!r}: {exc.code.value}: {exc.message}") from None
+        probe, clips = None, []
+        results.append(ClipResult(make_key(source, 0), 0, "rejected", exc.code.value, {"message": exc.message}))
+    depth_weights = None
+    if clips:
+        if cfg.depth.backend is DepthBackendName.ORACLE:
+            try:
+                sidecar = read_sidecar(video)
+            except SampleError as exc:
+                sidecar, missing = None, exc
+            relatives = []
+            for clip in clips:
+                if sidecar is None:
+                    relatives.append(missing)
+                    continue
+                try:
+                    relatives.append(oracle_disparity(sidecar, clip.indices, probe.frames,
+                                                      (probe.height, probe.width), clip.bucket))
+                except SampleError as exc:
+                    relatives.append(exc)
+        else:
+            backend = load_backend(cfg.depth, cfg.device)
+            depth_weights = backend.weights
+            relatives = []
+            for clip in clips:
+                try:
+                    relatives.append(backend(clip.frames))
+                except SampleError as exc:
+                    relatives.append(exc)
+        for index, (clip, relative) in enumerate(zip(clips, relatives)):
+            if isinstance(relative, SampleError):
+                results.append(ClipResult(make_key(source, index), index, "failed", relative.code.value,
+                                          {"message": relative.message}))
+            else:
+                results.append(process_clip(clip, index, source, probe, relative, cfg, depth_weights))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sheet = None
+    for result in results:
+        if result.members is not None:
+            write_sample_files(out_dir, result.key, result.members)
+            sheet = sheet if sheet is not None else result.preview
+        detail = f" ({result.reason})" if result.reason else f" (mask {100 * result.scores['mask_ratio']:.1f}%)"
+        echo(f"{result.key}: {result.status}{detail}")
+    if sheet is not None:
+        media.write_image(out_dir / "preview.png", sheet)
+    manifest = {
+        "command": "process", "version": __version__, "source": source,
+        "probe": dataclasses.asdict(probe) if probe else None, "depth_backend": cfg.depth.backend.value,
+        "depth_weights": depth_weights, "config_hash": config_hash(cfg),
+        "clips": [r.record() for r in results],
+        "kept": sum(r.status == "kept" for r in results), "seconds": round(time.perf_counter() - start, 3),
+    }
+    _write_text(out_dir / "config.yaml", to_yaml(cfg))
+    _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _write_text(path: Path, text: str) -> None:
+    with media.atomic_path(path) as tmp:
+        tmp.write_text(text)

@@ -1,0 +1,202 @@
+"""Depth backends: frames -> relative disparity ``(T, H, W)`` float32, larger = nearer.
+
+One interface, ``backend(frames) -> disparity``, for every backend:
+
+* ``oracle``: disparity given with the video (``<stem>.disparity.npz``); the caller reads the file and
+  :func:`oracle_disparity` picks the clip's frames and applies the clip's resize and crop. For
+  synthetic corpora and users who bring their own depth.
+* ``depth-anything-v2``: Depth Anything V2 through transformers (``AutoModelForDepthEstimation``), per
+  frame, then a per-clip scale/shift alignment so the disparity does not flicker.
+
+Model weights come from a local folder or a hub id (``depth.weights``); nothing downloads in tests, and a
+missing weight raises :class:`DepthWeightsError` saying how to provide it. A backend is a class: it
+loads its model once in ``__init__`` (on the device its caller chose) and is called per clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from dreamstereo.types import ErrorCode, SampleError
+
+logger = logging.getLogger(__name__)
+
+STAGE = "depth"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DepthBackendName(str, enum.Enum):
+    ORACLE = "oracle"
+    DEPTH_ANYTHING_V2 = "depth-anything-v2"
+
+
+DEFAULT_WEIGHTS = {DepthBackendName.DEPTH_ANYTHING_V2: "depth-anything/Depth-Anything-V2-Small-hf"}
+
+
+@dataclasses.dataclass
+class DepthConfig:
+    """Which depth backend runs, and its weights."""
+
+    backend: DepthBackendName = DepthBackendName.DEPTH_ANYTHING_V2
+    weights: str | None = None  # local folder or hub id; None = the backend's published default
+    input_size: int = 518  # px, short side fed to Depth Anything V2 (a multiple of its 14 px patch)
+    batch_size: int = 8  # frames per forward pass
+
+    def __post_init__(self):
+        if self.input_size < 14 or self.input_size % 14:
+            raise ValueError(f"depth.input_size must be a positive multiple of 14, got {self.input_size}")
+        if self.batch_size < 1:
+            raise ValueError(f"depth.batch_size must be >= 1, got {self.batch_size}")
+
+    def resolved_weights(self) -> str | None:
+        return self.weights or DEFAULT_WEIGHTS.get(self.backend)
+
+
+class DepthWeightsError(RuntimeError):
+    """Model weights that cannot be loaded: not a local folder, and not downloadable from here."""
+
+
+def resize_maps(maps: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
+    """Scale ``(T, H, W)`` float maps to cover ``bucket`` (height, width) and crop the centre, exactly
+    as :func:`dreamstereo.stages.decode.resize_center_crop` does to the frames."""
+    out_h, out_w = bucket
+    t, h, w = maps.shape
+    scale = max(out_h / h, out_w / w)
+    new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    top, left = (new_h - out_h) // 2, (new_w - out_w) // 2
+    out = np.empty((t, out_h, out_w), np.float32)
+    for k in range(t):
+        out[k] = cv2.resize(maps[k].astype(np.float32), (new_w, new_h), interpolation=interp)[
+            top:top + out_h, left:left + out_w]
+    return out
+
+
+def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frames: int,
+                     source_size: tuple[int, int], bucket: tuple[int, int]) -> np.ndarray:
+    """The clip's frames of a disparity sidecar, resized to the source and cropped like the frames.
+
+    Args:
+        sidecar: ``(N, h, w)`` relative disparity of the whole video (any size: it is resized).
+        indices: source frame indices of the clip. source_frames: frames the video decodes to.
+        source_size: ``(height, width)`` of the video in display orientation. bucket: the clip's size.
+
+    Raises:
+        SampleError: ``DEPTH_MISMATCH`` when the sidecar's frame count differs from the video's.
+    """
+    if sidecar.ndim != 3:
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar must be (T, H, W), got {sidecar.shape}")
+    if sidecar.shape[0] != source_frames:
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
+                          f"sidecar has {sidecar.shape[0]} frames, the video {source_frames}")
+    picked = np.asarray(sidecar[list(indices)], np.float32)
+    if picked.shape[1:] != tuple(source_size):
+        picked = np.stack([cv2.resize(m, (source_size[1], source_size[0]), interpolation=cv2.INTER_LINEAR)
+                           for m in picked])
+    return resize_maps(picked, bucket)
+
+
+def align_scale_shift(disparity: np.ndarray, samples: int = 20000) -> np.ndarray:
+    """Put every frame of a per-frame relative prediction on one common scale and shift.
+
+    Each frame ``k`` gets ``s_k * d_k + t_k`` fitted by least squares to the clip's mean min-max
+    normalised frame (on a fixed pixel subsample), which removes the per-frame scale drift of
+    monocular models. A frame whose fit is degenerate (``s_k <= 0``) keeps its min-max normalisation.
+
+    Args:
+        disparity: ``(T, H, W)`` float. Returns: ``(T, H, W)`` float32.
+    """
+    t = disparity.shape[0]
+    flat = disparity.reshape(t, -1).astype(np.float64)
+    lo, hi = flat.min(axis=1, keepdims=True), flat.max(axis=1, keepdims=True)
+    normed = (flat - lo) / np.maximum(hi - lo, 1e-12)
+    reference = normed.mean(axis=0)
+    pick = np.random.default_rng(0).choice(flat.shape[1], size=min(samples, flat.shape[1]), replace=False)
+    out = np.empty_like(flat)
+    for k in range(t):
+        design = np.stack([flat[k, pick], np.ones(len(pick))], axis=1)
+        (scale, shift), *_ = np.linalg.lstsq(design, reference[pick], rcond=None)
+        out[k] = scale * flat[k] + shift if scale > 0 else normed[k]
+    return out.reshape(disparity.shape).astype(np.float32)
+
+
+def _load_pretrained(loader, weights: str, what: str):
+    """``loader.from_pretrained(weights)``: a local folder, else the hub cache, else a download (unless
+    ``HF_HUB_OFFLINE`` is set); a clear error when none of them has the weights."""
+    local = Path(weights).expanduser()
+    try:
+        if local.exists():
+            return loader.from_pretrained(str(local))
+        try:
+            return loader.from_pretrained(weights, local_files_only=True)  # cached: no network at all
+        except OSError:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+                raise
+            return loader.from_pretrained(weights)
+    except (OSError, ValueError) as exc:
+        raise DepthWeightsError(
+            f"{what} weights {weights!r} are not a local folder and could not be fetched from the hub "
+            f"({str(exc).splitlines()[0][:160]}). Download them where you have internet, e.g. "
+            f"`huggingface-cli download {weights} --local-dir /models/{Path(weights).name}`, then pass "
+            f"depth.weights=/models/{Path(weights).name}") from None
+
+
+class DepthAnythingV2:
+    """Depth Anything V2 (transformers ``AutoModelForDepthEstimation``), per frame + per-clip alignment."""
+
+    def __init__(self, weights: str, *, device: str | torch.device = "cpu", input_size: int = 518,
+                 batch_size: int = 8):
+        from transformers import AutoModelForDepthEstimation
+
+        self.model = _load_pretrained(AutoModelForDepthEstimation, weights, "depth-anything-v2")
+        self.model.to(device).eval()
+        self.device, self.input_size, self.batch_size = torch.device(device), input_size, batch_size
+        self.weights = weights
+        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    def _network_size(self, h: int, w: int) -> tuple[int, int]:
+        """Short side ``input_size``, both sides multiples of the 14 px patch, aspect kept."""
+        scale = self.input_size / min(h, w)
+        return max(14, round(h * scale / 14) * 14), max(14, round(w * scale / 14) * 14)
+
+    @torch.no_grad()
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """``(T, H, W, 3) uint8`` -> relative disparity ``(T, H, W) float32``, larger = nearer.
+
+        Raises:
+            SampleError: ``DEPTH_FAILED`` when the model returns non-finite values.
+        """
+        t, h, w, _ = frames.shape
+        size = self._network_size(h, w)
+        out = []
+        for start in range(0, t, self.batch_size):
+            batch = torch.from_numpy(frames[start:start + self.batch_size]).to(self.device)
+            x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
+            x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
+            x = (x - self._mean) / self._std
+            pred = self.model(pixel_values=x).predicted_depth  # (B, h', w') relative inverse depth
+            pred = torch.nn.functional.interpolate(pred[:, None], size=(h, w), mode="bilinear",
+                                                   align_corners=False)[:, 0]
+            out.append(pred.float().cpu().numpy())
+        disparity = np.concatenate(out)
+        if not np.isfinite(disparity).all():
+            raise SampleError(ErrorCode.DEPTH_FAILED, STAGE, "depth-anything-v2 returned NaN/inf")
+        return align_scale_shift(disparity)
+
+
+def load_backend(cfg: DepthConfig, device: str | torch.device = "cpu"):
+    """The model backend named by ``cfg`` (the oracle needs no model: see :func:`oracle_disparity`)."""
+    if cfg.backend is DepthBackendName.DEPTH_ANYTHING_V2:
+        return DepthAnythingV2(cfg.resolved_weights(), device=device, input_size=cfg.input_size,
+                               batch_size=cfg.batch_size)
+    raise ValueError(f"depth backend {cfg.backend.value!r} has no model to load")

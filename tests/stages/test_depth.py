@@ -1,0 +1,56 @@
+"""Depth backends: the oracle sidecar, and Depth Anything V2 built at toy size from its real classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dreamstereo.stages.depth import (DepthAnythingV2, DepthBackendName, DepthConfig, DepthWeightsError,
+                                      align_scale_shift, load_backend, oracle_disparity, resize_maps)
+from dreamstereo.stages.decode import resize_center_crop
+from dreamstereo.types import ErrorCode, SampleError
+
+
+def test_depth_anything_v2_end_to_end_on_a_tiny_model(tiny_dav2):
+    backend = load_backend(DepthConfig(backend=DepthBackendName.DEPTH_ANYTHING_V2, weights=tiny_dav2,
+                                       input_size=56, batch_size=3))
+    frames = (np.random.default_rng(0).random((5, 40, 72, 3)) * 255).astype(np.uint8)
+    disparity = backend(frames)
+    assert disparity.shape == (5, 40, 72) and disparity.dtype == np.float32 and np.isfinite(disparity).all()
+    assert backend._network_size(40, 72) == (56, 98)  # short side 56, both multiples of 14
+    assert np.array_equal(backend(frames), disparity)  # deterministic
+
+
+def test_missing_weights_say_how_to_provide_them(tmp_path):
+    with pytest.raises(DepthWeightsError, match="huggingface-cli download .*depth.weights="):
+        DepthAnythingV2("depth-anything/Depth-Anything-V2-Small-hf")  # a hub id, offline
+    with pytest.raises(DepthWeightsError, match="not a local folder"):
+        DepthAnythingV2(str(tmp_path / "no-such-folder"))
+
+
+def test_alignment_removes_per_frame_scale_and_shift():
+    base = np.random.default_rng(1).random((1, 20, 30)) + 1.0
+    drifting = np.concatenate([base * s + o for s, o in [(1, 0), (3, 5), (0.5, -2), (2, 1)]])
+    aligned = align_scale_shift(drifting)
+    for k in range(1, 4):
+        assert np.allclose(aligned[k], aligned[0], atol=1e-4)
+
+
+def test_oracle_picks_frames_and_crops_like_the_frames():
+    sidecar = np.stack([np.tile(np.arange(64, dtype=np.float32), (48, 1)) + 100 * k for k in range(6)])
+    out = oracle_disparity(sidecar, (1, 3), 6, (48, 64), (24, 24))
+    frames = np.repeat(sidecar[[1, 3], :, :, None], 3, axis=3).clip(0, 255).astype(np.uint8)
+    expected = resize_center_crop(frames, (24, 24))[..., 0].astype(np.float32)
+    assert out.shape == (2, 24, 24) and np.abs(out[0] - expected[0]).max() <= 1.0
+    assert out[1].min() > 300  # the fourth frame (index 3)
+
+
+def test_oracle_sidecar_of_another_size_is_resized():
+    sidecar = np.ones((4, 12, 16), np.float32)
+    assert resize_maps(oracle_disparity(sidecar, (0,), 4, (48, 64), (48, 64)), (48, 64)).shape == (1, 48, 64)
+
+
+def test_oracle_with_the_wrong_frame_count_is_a_sample_error():
+    with pytest.raises(SampleError) as info:
+        oracle_disparity(np.zeros((5, 8, 8), np.float32), (0, 1), 9, (8, 8), (8, 8))
+    assert info.value.code is ErrorCode.DEPTH_MISMATCH and "5 frames, the video 9" in str(info.value)
