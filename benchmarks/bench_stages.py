@@ -15,7 +15,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -55,6 +54,26 @@ def depth_anything_v2(small: bool, folder: Path) -> str:
     torch.manual_seed(0)
     DepthAnythingForDepthEstimation(config).save_pretrained(path)
     return str(path)
+
+
+def depthcrafter_full_size(folder: Path) -> tuple[str, str]:
+    """DepthCrafter's components at their published sizes (SVD-XT UNet, VAE and ViT-H/14 CLIP), random
+    weights, saved as (UNet folder, base folder)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    UNetSpatioTemporalConditionModel().save_pretrained(folder / "dc-unet")  # defaults = SVD's UNet
+    AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                 down_block_types=("DownEncoderBlock2D",) * 4).save_pretrained(folder / "svd" / "vae")
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                                   num_attention_heads=16, image_size=224, patch_size=14,
+                                                   projection_dim=1024)).save_pretrained(folder / "svd" / "image_encoder")
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
+                           timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+                           interpolation_type="linear").save_pretrained(folder / "svd" / "scheduler")
+    return str(folder / "dc-unet"), str(folder / "svd")
 
 
 def main() -> None:
@@ -104,6 +123,16 @@ def main() -> None:
         gpu["depth-anything-v2-small (random weights)"] = {"device": device, "ms_per_frame": ms,
                                                            "frames_per_s": 1000 / ms}
         print(f"  DA-V2 Small, random weights, {device}: {ms:.1f} ms/frame ({1000 / ms:.1f} frames/s)")
+    if torch.cuda.is_available():  # about 2.5e9 parameters: GPU only
+        from dreamstereo.stages.depthcrafter import DepthCrafter
+
+        unet, base = depthcrafter_full_size(tmp)
+        crafter = DepthCrafter(unet, base, device="cuda", steps=5, max_resolution=1280)
+        crafter.unet.half()
+        ms = time_ms(lambda: crafter(frames), repeats=args.repeats, device="cuda")["median_ms"] / t
+        gpu["depthcrafter (random weights, 5 steps, fp16 UNet)"] = {"device": "cuda", "ms_per_frame": ms,
+                                                                     "frames_per_s": 1000 / ms}
+        print(f"  DepthCrafter, random weights, 5 steps, cuda: {ms:.1f} ms/frame ({1000 / ms:.1f} frames/s)")
     if not args.no_write:
         path = write_result("stages", {"machine": info, "height": HEIGHT, "width": WIDTH, "frames": t,
                                        "ms_per_frame": rows, "model_depth": gpu})

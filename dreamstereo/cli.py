@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("process", help="the clip chain on one video: samples, verdicts, preview")
     p.add_argument("video", help="a video file")
     p.add_argument("--out", required=True, help="output folder for <key>.<ext> members and preview.png")
-    p.add_argument("--depth", choices=["oracle", "depth-anything-v2"], help="depth backend (default: config)")
+    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+                   help="depth backend (default: config)")
     _add_config_args(p)
 
     p = sub.add_parser("warp-eval", help="mask quality of each warp method on real stereo pairs")

@@ -57,6 +57,18 @@ def test_tiny_depth_anything_v2(capsys, tmp_path, tiny_dav2):
     assert manifest["depth_weights"] == tiny_dav2
 
 
+def test_tiny_depthcrafter(capsys, tmp_path, tiny_depthcrafter):
+    unet, base = tiny_depthcrafter
+    video = write_video(tmp_path / "clip.mp4", moving_pattern(20, 64, 96))
+    code, _, err = _run(capsys, "process", video, "--out", str(tmp_path / "o"), "--depth", "depthcrafter",
+                        f"depth.weights={unet}", f"depth.base_weights={base}", "depth.steps=2",
+                        "depth.max_resolution=64", *SMALL)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["depth_backend"] == "depthcrafter" and manifest["depth_weights"] == unet
+    assert manifest["clips"] and all(c["status"] in ("kept", "rejected") for c in manifest["clips"])
+
+
 def _bad_input(kind: str, tmp_path):
     """Build one bad input; returns (video path, sidecar frames or None)."""
     if kind == "missing":

@@ -7,6 +7,8 @@ One interface, ``backend(frames) -> disparity``, for every backend:
   synthetic corpora and users who bring their own depth.
 * ``depth-anything-v2``: Depth Anything V2 through transformers (``AutoModelForDepthEstimation``), per
   frame, then a per-clip scale/shift alignment so the disparity does not flicker.
+* ``depthcrafter``: DepthCrafter's video depth diffusion from SVD components (``depthcrafter.py``),
+  windowed over long clips, normalised per clip. The paper's choice.
 
 Model weights come from a local folder or a hub id (``depth.weights``); nothing downloads in tests, and a
 missing weight raises :class:`DepthWeightsError` saying how to provide it. A backend is a class: it
@@ -37,9 +39,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DepthBackendName(str, enum.Enum):
     ORACLE = "oracle"
     DEPTH_ANYTHING_V2 = "depth-anything-v2"
+    DEPTHCRAFTER = "depthcrafter"
 
 
-DEFAULT_WEIGHTS = {DepthBackendName.DEPTH_ANYTHING_V2: "depth-anything/Depth-Anything-V2-Small-hf"}
+DEFAULT_WEIGHTS = {DepthBackendName.DEPTH_ANYTHING_V2: "depth-anything/Depth-Anything-V2-Small-hf",
+                   DepthBackendName.DEPTHCRAFTER: "tencent/DepthCrafter"}
+SVD_BASE_WEIGHTS = "stabilityai/stable-video-diffusion-img2vid-xt"  # DepthCrafter's VAE, CLIP and scheduler
 
 
 @dataclasses.dataclass
@@ -50,8 +55,16 @@ class DepthConfig:
     weights: str | None = None  # local folder or hub id; None = the backend's published default
     input_size: int = 518  # px, short side fed to Depth Anything V2 (a multiple of its 14 px patch)
     batch_size: int = 8  # frames per forward pass
+    base_weights: str = SVD_BASE_WEIGHTS  # DepthCrafter: folder or hub id with vae/, image_encoder/, scheduler/
+    steps: int = 5  # DepthCrafter denoising steps (5 = its fast mode)
+    window: int = 110  # DepthCrafter frames per window
+    overlap: int = 25  # DepthCrafter frames shared by consecutive windows, blended linearly
+    max_resolution: int = 1024  # DepthCrafter long side in px (rounded to multiples of 64)
 
     def __post_init__(self):
+        if not 0 <= self.overlap < self.window or self.steps < 1:
+            raise ValueError(f"depth: need steps >= 1 and 0 <= overlap < window, got steps={self.steps}, "
+                             f"overlap={self.overlap}, window={self.window}")
         if self.input_size < 14 or self.input_size % 14:
             raise ValueError(f"depth.input_size must be a positive multiple of 14, got {self.input_size}")
         if self.batch_size < 1:
@@ -129,25 +142,32 @@ def align_scale_shift(disparity: np.ndarray, samples: int = 20000) -> np.ndarray
     return out.reshape(disparity.shape).astype(np.float32)
 
 
-def _load_pretrained(loader, weights: str, what: str):
-    """``loader.from_pretrained(weights)``: a local folder, else the hub cache, else a download (unless
-    ``HF_HUB_OFFLINE`` is set); a clear error when none of them has the weights."""
+def _load_pretrained(loader, weights: str, what: str, *, subfolder: str | None = None,
+                     option: str = "depth.weights"):
+    """``loader.from_pretrained``: a local folder, else the hub cache, else a download (unless
+    ``HF_HUB_OFFLINE`` is set); a :class:`DepthWeightsError` saying how to provide the weights otherwise.
+
+    ``subfolder`` selects a component of a multi-model repository or folder (e.g. ``vae``); ``option``
+    is the config key named in the error message.
+    """
     local = Path(weights).expanduser()
     try:
         if local.exists():
-            return loader.from_pretrained(str(local))
+            return loader.from_pretrained(str(local / subfolder) if subfolder else str(local))
+        extra = {"subfolder": subfolder} if subfolder else {}
         try:
-            return loader.from_pretrained(weights, local_files_only=True)  # cached: no network at all
+            return loader.from_pretrained(weights, local_files_only=True, **extra)  # cached: no network
         except OSError:
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
                 raise
-            return loader.from_pretrained(weights)
+            return loader.from_pretrained(weights, **extra)
     except (OSError, ValueError) as exc:
+        name = Path(weights).name
         raise DepthWeightsError(
-            f"{what} weights {weights!r} are not a local folder and could not be fetched from the hub "
-            f"({str(exc).splitlines()[0][:160]}). Download them where you have internet, e.g. "
-            f"`huggingface-cli download {weights} --local-dir /models/{Path(weights).name}`, then pass "
-            f"depth.weights=/models/{Path(weights).name}") from None
+            f"{what} weights {weights!r}{f' ({subfolder}/)' if subfolder else ''} are not a local folder and "
+            f"could not be fetched from the hub ({str(exc).splitlines()[0][:160]}). Download them where you "
+            f"have internet, e.g. `huggingface-cli download {weights} --local-dir /models/{name}`, then pass "
+            f"{option}=/models/{name}") from None
 
 
 class DepthAnythingV2:
@@ -199,4 +219,10 @@ def load_backend(cfg: DepthConfig, device: str | torch.device = "cpu"):
     if cfg.backend is DepthBackendName.DEPTH_ANYTHING_V2:
         return DepthAnythingV2(cfg.resolved_weights(), device=device, input_size=cfg.input_size,
                                batch_size=cfg.batch_size)
+    if cfg.backend is DepthBackendName.DEPTHCRAFTER:
+        from dreamstereo.stages.depthcrafter import DepthCrafter
+
+        return DepthCrafter(cfg.resolved_weights(), cfg.base_weights, device=device, steps=cfg.steps,
+                            window=cfg.window, overlap=cfg.overlap, max_resolution=cfg.max_resolution,
+                            chunk=cfg.batch_size)
     raise ValueError(f"depth backend {cfg.backend.value!r} has no model to load")
