@@ -28,52 +28,9 @@ from dreamstereo.stages.depth import DepthAnythingV2, align_scale_shift  # noqa:
 from dreamstereo.stages.disparity import normalize_disparity  # noqa: E402
 from dreamstereo.stages.pairs import PairConfig, make_pair  # noqa: E402
 from dreamstereo.stages.quality import score_quality  # noqa: E402
+from dreamstereo.toy_models import save_depth_anything_v2, save_depthcrafter  # noqa: E402
 
 HEIGHT, WIDTH = 768, 1280
-
-
-def depth_anything_v2(small: bool, folder: Path) -> str:
-    """Save a randomly initialised Depth Anything V2 (toy, or the Small architecture) and return its path."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    if small:  # the published Depth-Anything-V2-Small layout
-        backbone = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-                                patch_size=14, image_size=518, out_features=["stage3", "stage6", "stage9", "stage12"],
-                                reshape_hidden_states=False)
-        config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=384, fusion_hidden_size=64,
-                                     neck_hidden_sizes=[48, 96, 192, 384], head_hidden_size=32, patch_size=14,
-                                     depth_estimation_type="relative")
-    else:
-        backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                patch_size=14, image_size=98, out_features=["stage1", "stage2"],
-                                reshape_hidden_states=False)
-        config = DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, fusion_hidden_size=16,
-                                     neck_hidden_sizes=[16, 32], head_hidden_size=8, patch_size=14,
-                                     depth_estimation_type="relative")
-    path = folder / ("dav2-small" if small else "dav2-toy")
-    torch.manual_seed(0)
-    DepthAnythingForDepthEstimation(config).save_pretrained(path)
-    return str(path)
-
-
-def depthcrafter_full_size(folder: Path) -> tuple[str, str]:
-    """DepthCrafter's components at their published sizes (SVD-XT UNet, VAE and ViT-H/14 CLIP), random
-    weights, saved as (UNet folder, base folder)."""
-    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    torch.manual_seed(0)
-    UNetSpatioTemporalConditionModel().save_pretrained(folder / "dc-unet")  # defaults = SVD's UNet
-    AutoencoderKLTemporalDecoder(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                                 down_block_types=("DownEncoderBlock2D",) * 4).save_pretrained(folder / "svd" / "vae")
-    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
-                                                   num_attention_heads=16, image_size=224, patch_size=14,
-                                                   projection_dim=1024)).save_pretrained(folder / "svd" / "image_encoder")
-    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                           prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002, steps_offset=1,
-                           timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
-                           interpolation_type="linear").save_pretrained(folder / "svd" / "scheduler")
-    return str(folder / "dc-unet"), str(folder / "svd")
 
 
 def main() -> None:
@@ -93,7 +50,7 @@ def main() -> None:
     _, (clip,) = decode_clips(data, cfg)
     frames = clip.frames
     tmp = Path(tempfile.mkdtemp(prefix="bench-stages-"))
-    toy = DepthAnythingV2(depth_anything_v2(False, tmp), input_size=518)
+    toy = DepthAnythingV2(save_depth_anything_v2(tmp / "dav2-toy"), input_size=518)
     relative = toy(frames)
     relative_px = normalize_disparity(scene.disparity, WIDTH, 0.05, 0.0)
     pair = make_pair(frames, relative_px, "bench", PairConfig())
@@ -118,7 +75,8 @@ def main() -> None:
     gpu = {}
     if torch.cuda.is_available() or args.full_depth:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        small = DepthAnythingV2(depth_anything_v2(True, tmp), device=device, input_size=518, batch_size=8)
+        small = DepthAnythingV2(save_depth_anything_v2(tmp / "dav2-small", published_small=True), device=device,
+                                input_size=518, batch_size=8)
         ms = time_ms(lambda: small(frames), repeats=args.repeats, device=device)["median_ms"] / t
         gpu["depth-anything-v2-small (random weights)"] = {"device": device, "ms_per_frame": ms,
                                                            "frames_per_s": 1000 / ms}
@@ -126,7 +84,7 @@ def main() -> None:
     if torch.cuda.is_available():  # about 2.5e9 parameters: GPU only
         from dreamstereo.stages.depthcrafter import DepthCrafter
 
-        unet, base = depthcrafter_full_size(tmp)
+        unet, base = save_depthcrafter(tmp / "depthcrafter", published_size=True)
         crafter = DepthCrafter(unet, base, device="cuda", steps=5, max_resolution=1280)
         crafter.unet.half()
         ms = time_ms(lambda: crafter(frames), repeats=args.repeats, device="cuda")["median_ms"] / t
