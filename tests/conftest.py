@@ -46,3 +46,40 @@ def tiny_depthcrafter(tmp_path_factory) -> tuple[str, str]:
     from dreamstereo.toy_models import save_depthcrafter
 
     return save_depthcrafter(tmp_path_factory.mktemp("depthcrafter"))
+
+
+S3_SECRET = "SECRET-must-never-be-written-0123456789"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 endpoint: moto's server on 127.0.0.1 over HTTP (boto3 speaks the wire protocol to it)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Credentials in the environment (the standard chain), the endpoint of the test server."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh bucket on the test server; returns its name."""
+    import uuid
+
+    import boto3
+
+    name = f"bucket-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
+    return name

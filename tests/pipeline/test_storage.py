@@ -1,0 +1,86 @@
+"""Storage: a local folder and S3 (boto3 against moto's server over HTTP) behave the same."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, S3Storage, StorageError, open_storage,
+                                             register_webdataset_s3)
+from tests.conftest import S3_SECRET
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "out")
+    bucket = request.getfixturevalue("s3_bucket")
+    endpoint = request.getfixturevalue("s3_env")
+    return S3Storage(f"s3://{bucket}/runs/one", S3Config(endpoint_url=endpoint, multipart_threshold_mb=5))
+
+
+def test_round_trip_list_delete(storage, tmp_path):
+    storage.check()
+    storage.write_bytes("shards/000000.tar", b"tar bytes")
+    storage.write_bytes("shards/000000_stats.json", b"{}")
+    storage.write_bytes("manifest.json", b"[]")
+    assert storage.read_bytes("shards/000000.tar") == b"tar bytes"
+    assert storage.exists("manifest.json") and not storage.exists("shards/000001.tar")
+    assert storage.list("shards/") == ["shards/000000.tar", "shards/000000_stats.json"]
+    assert storage.list() == ["manifest.json", "shards/000000.tar", "shards/000000_stats.json"]
+    assert storage.size("shards/000000.tar") == 9
+    storage.delete("manifest.json")
+    assert not storage.exists("manifest.json")
+    with pytest.raises(StorageError, match="no such object|NoSuchKey"):
+        storage.read_bytes("missing.bin")
+
+
+def test_large_upload_in_parts(storage, tmp_path):
+    big = tmp_path / "big.tar"
+    big.write_bytes(os.urandom(11 * 1024 * 1024))  # 11 MiB: three parts of 5 MiB on S3
+    storage.upload_file("shards/big.tar", big)
+    assert storage.read_bytes("shards/big.tar") == big.read_bytes()
+
+
+def test_missing_bucket_and_unreachable_endpoint_fail_fast(s3_env):
+    with pytest.raises(StorageError, match="'no-such-bucket' does not exist"):
+        S3Storage("s3://no-such-bucket/x", S3Config(endpoint_url=s3_env)).check()
+    start = time.monotonic()
+    closed = S3Storage("s3://b/x", S3Config(endpoint_url="http://127.0.0.1:1", max_attempts=2, connect_timeout_s=1))
+    with pytest.raises(StorageError, match="unreachable"):
+        closed.check()
+    assert time.monotonic() - start < 20
+
+
+def test_secrets_never_appear_in_logs_or_errors(s3_env, caplog):
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(StorageError) as info:
+        S3Storage("s3://no-such-bucket/x", S3Config(endpoint_url=s3_env)).check()
+    assert S3_SECRET not in str(info.value)
+    assert S3_SECRET not in caplog.text
+
+
+def test_open_storage_and_bad_uris(tmp_path):
+    assert isinstance(open_storage(str(tmp_path)), LocalStorage)
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        open_storage("gs://bucket/x")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StorageError, match="cannot be created"):
+        LocalStorage(blocker / "sub").check()
+
+
+def test_webdataset_reads_s3_through_boto3(s3_bucket, s3_env, tmp_path):
+    import webdataset as wds
+
+    with wds.TarWriter(str(tmp_path / "s.tar")) as sink:
+        for k in range(3):
+            sink.write({"__key__": f"sample{k}", "txt": f"hello {k}".encode()})
+    cfg = S3Config(endpoint_url=s3_env)
+    S3Storage(f"s3://{s3_bucket}", cfg).upload_file("shards/s.tar", tmp_path / "s.tar")
+    register_webdataset_s3(cfg)
+    keys = [s["__key__"] for s in wds.WebDataset(f"s3://{s3_bucket}/shards/s.tar", shardshuffle=False)]
+    assert keys == ["sample0", "sample1", "sample2"]
