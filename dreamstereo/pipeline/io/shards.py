@@ -1,0 +1,120 @@
+"""Output shards: ``shards/{id:06d}.tar`` (WebDataset), ``.parquet`` (one row per input clip or input),
+and ``{id:06d}_stats.json``, written last as the commit marker (as video2dataset does).
+
+A shard counts as done only when its stats file exists. The tar and parquet are uploaded first (each
+all-or-nothing, see ``storage.py``), so a crash at any point leaves either a committed shard or one
+that a rerun redoes; a rerun overwrites the partial objects under the same names.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import hashlib
+import io
+import json
+import logging
+import subprocess
+import tempfile
+from pathlib import Path
+
+from dreamstereo import __version__
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+STATUSES = ("ok", "rejected", "failed")
+
+
+def shard_name(shard_id: int, suffix: str) -> str:
+    """``shards/000012.tar``, ``shards/000012.parquet``, ``shards/000012_stats.json``."""
+    sep = "_" if suffix == "stats.json" else "."
+    return f"{SHARD_DIR}/{shard_id:06d}{sep}{suffix}"
+
+
+def committed_shards(storage) -> set[int]:
+    """Ids of shards whose stats file (the commit marker) exists."""
+    done = set()
+    for key in storage.list(f"{SHARD_DIR}/"):
+        name = key.rsplit("/", 1)[-1]
+        if name.endswith("_stats.json") and name[:6].isdigit():
+            done.add(int(name[:6]))
+    return done
+
+
+def git_sha() -> str | None:
+    """The package checkout's commit, when it is one (stats carry it next to the package version)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+class ShardWriter:
+    """Collect one shard's samples and records, then commit tar -> parquet -> stats.
+
+    Records are plain dicts with at least ``key``, ``source``, ``status`` (ok | rejected | failed) and
+    ``reason``; kept samples also pass their WebDataset members.
+    """
+
+    def __init__(self, storage, shard_id: int, *, config_hash: str = ""):
+        self.storage, self.shard_id, self.config_hash = storage, shard_id, config_hash
+        self._dir = tempfile.TemporaryDirectory(prefix=f"shard-{shard_id:06d}-")
+        self._tar_path = Path(self._dir.name) / "shard.tar"
+        self._tar = None
+        self.records: list[dict] = []
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.samples = 0
+
+    def add(self, record: dict, members: dict[str, bytes] | None = None) -> None:
+        """Record one input clip (or input); write its members to the tar when it was kept."""
+        import webdataset as wds
+
+        if record.get("status") not in STATUSES:
+            raise ValueError(f"record status must be one of {STATUSES}, got {record.get('status')!r}")
+        if members is not None:
+            if self._tar is None:
+                self._tar = wds.TarWriter(str(self._tar_path))
+            self._tar.write({"__key__": record["key"], **members})
+            self.samples += 1
+        self.records.append(record)
+
+    def commit(self, timings: dict[str, float] | None = None) -> dict:
+        """Upload the tar and parquet, then the stats file (the commit marker); return the stats."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._tar is None:  # an empty shard still gets a (valid, empty) tar
+            import webdataset as wds
+
+            self._tar = wds.TarWriter(str(self._tar_path))
+        self._tar.close()
+        tar_bytes = self._tar_path.stat().st_size
+        sha = hashlib.sha256(self._tar_path.read_bytes()).hexdigest()
+        self.storage.upload_file(shard_name(self.shard_id, "tar"), self._tar_path)
+        rows = [{**r, "scores": json.dumps(r.get("scores") or {}, sort_keys=True)} for r in self.records]
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())}), buffer)
+        self.storage.write_bytes(shard_name(self.shard_id, "parquet"), buffer.getvalue())
+        counts = collections.Counter(r["status"] for r in self.records)
+        reasons = collections.Counter(f"{r['status']}:{r['reason']}" for r in self.records if r.get("reason"))
+        stats = {
+            "shard": self.shard_id,
+            "count": len(self.records),
+            "samples": self.samples,
+            **{status: counts.get(status, 0) for status in STATUSES},
+            "reasons": dict(sorted(reasons.items())),
+            "tar_bytes": tar_bytes,
+            "tar_sha256": sha,
+            "seconds_per_stage": timings or {},
+            "start": self.started.isoformat(),
+            "end": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+            "config_hash": self.config_hash,
+            "package_version": __version__,
+            "git_sha": git_sha(),
+        }
+        self.storage.write_bytes(shard_name(self.shard_id, "stats.json"), json.dumps(stats, indent=2).encode())
+        self._dir.cleanup()
+        return stats

@@ -1,0 +1,76 @@
+"""Shard writing: tar + parquet + stats (written last), read back with webdataset and pyarrow."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
+from dreamstereo.pipeline.io.storage import LocalStorage, S3Config, S3Storage
+
+
+class CountingStorage(LocalStorage):
+    """A local folder that remembers the order of writes (to check the commit marker comes last)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.order = []
+
+    def write_bytes(self, key, data):
+        self.order.append(key)
+        super().write_bytes(key, data)
+
+    def upload_file(self, key, local):
+        self.order.append(key)
+        super().upload_file(key, local)
+
+
+def _fill(writer):
+    writer.add({"key": "a-00000000-c000", "source": "a.mp4", "status": "ok", "reason": None,
+                "scores": {"mask_ratio": 0.1}}, {"rgb.mp4": b"video", "json": b"{}"})
+    writer.add({"key": "b-00000000-c000", "source": "b.mp4", "status": "rejected", "reason": "static",
+                "scores": {"motion": 0.0}})
+    writer.add({"key": "c-00000000-c000", "source": "c.mp4", "status": "failed", "reason": "decode_failed",
+                "scores": {}})
+
+
+def test_commit_writes_tar_parquet_then_stats(tmp_path):
+    import webdataset as wds
+
+    storage = CountingStorage(tmp_path / "out")
+    writer = ShardWriter(storage, 7, config_hash="abc")
+    _fill(writer)
+    stats = writer.commit({"decode": 1.5})
+    assert storage.order == [shard_name(7, "tar"), shard_name(7, "parquet"), shard_name(7, "stats.json")]
+    assert (stats["count"], stats["samples"], stats["ok"], stats["rejected"], stats["failed"]) == (3, 1, 1, 1, 1)
+    assert stats["reasons"] == {"failed:decode_failed": 1, "rejected:static": 1}
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "shards" / "000007.tar"), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a-00000000-c000"] and samples[0]["rgb.mp4"] == b"video"
+    table = pq.read_table(tmp_path / "out" / "shards" / "000007.parquet").to_pylist()
+    assert [r["status"] for r in table] == ["ok", "rejected", "failed"]  # every input accounted for
+    assert json.loads(table[1]["scores"]) == {"motion": 0.0}
+    assert committed_shards(storage) == {7}
+
+
+def test_uncommitted_shard_is_not_done(tmp_path):
+    storage = LocalStorage(tmp_path / "out")
+    storage.write_bytes(shard_name(3, "tar"), b"partial")  # a crash before the stats file
+    assert committed_shards(storage) == set()
+
+
+def test_bad_status_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="status"):
+        ShardWriter(LocalStorage(tmp_path), 0).add({"key": "k", "status": "done"})
+
+
+def test_same_on_s3(s3_bucket, s3_env):
+    storage = S3Storage(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    writer = ShardWriter(storage, 0)
+    _fill(writer)
+    writer.commit()
+    assert committed_shards(storage) == {0}
+    table = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(0, "parquet"))))
+    assert table.num_rows == 3
