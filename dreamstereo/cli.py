@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth backend (default: config)")
     _add_config_args(p)
 
+    p = sub.add_parser("generate", help="the Ray job: a video list -> WebDataset shards in a folder or S3")
+    p.add_argument("--input", required=True, help="folder, glob, or .csv/.parquet manifest (local or s3://)")
+    p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
+    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+                   help="depth backend (default: config)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    _add_config_args(p)
+
     p = sub.add_parser("warp-eval", help="mask quality of each warp method on real stereo pairs")
     p.add_argument("folder", help="folder of pair folders laid out like Middlebury 2005/2006")
     p.add_argument("--json", default="warp-eval.json", help="where to write the table as JSON")
@@ -135,6 +143,26 @@ def _cmd_process(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from dreamstereo.config import load_config
+    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.pipeline.job import GenerateConfig, run_generate
+    from dreamstereo.stages.depth import DepthWeightsError
+
+    overrides = list(args.overrides)
+    if args.depth:
+        overrides.append(f"process.depth.backend={args.depth}")
+    if args.address:
+        overrides.append(f"ray_address={args.address}")
+    cfg = load_config(GenerateConfig, args.config, overrides)
+    try:
+        summary = run_generate(args.input, args.output, cfg)
+    except (StorageError, DepthWeightsError, ValueError) as exc:
+        print(f"dreamstereo generate: error: {exc}", file=sys.stderr)
+        return 2
+    return 1 if summary["failed_shards"] else 0
+
+
 def _cmd_warp_eval(args) -> int:
     from dreamstereo.config import WarpEvalConfig, config_hash, load_config
     from dreamstereo.warp_eval import evaluate_folder, format_table
@@ -166,7 +194,8 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "warp-eval": _cmd_warp_eval, "demo": _cmd_demo}
+_COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,
+             "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -151,3 +151,14 @@ class ProcessConfig:
 
 
 SCHEMAS["process"] = ProcessConfig
+
+
+def _register_generate() -> None:
+    """``configs/generate/`` files load against the job's schema; registered last because
+    ``pipeline.job`` imports this module."""
+    from dreamstereo.pipeline.job import GenerateConfig
+
+    SCHEMAS["generate"] = GenerateConfig
+
+
+_register_generate()

@@ -222,3 +222,24 @@ def register_webdataset_s3(s3: S3Config | None = None) -> None:
         return storage.open_read(parsed.path.lstrip("/"))
 
     webdataset.gopen_schemes["s3"] = opener
+
+
+def read_uri(uri: str, s3: S3Config | None = None) -> bytes:
+    """The bytes of one input file: a local path or ``s3://bucket/key``.
+
+    Raises:
+        StorageError: the file or object does not exist or cannot be read.
+    """
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return S3Storage(f"s3://{bucket}", s3).read_bytes(key)
+    try:
+        return Path(uri).read_bytes()
+    except OSError as exc:
+        raise StorageError(f"{uri!r}: cannot read ({exc.strerror or exc})") from None
+
+
+def sibling_uri(uri: str, name: str) -> str:
+    """The URI of file ``name`` in the same folder (or S3 prefix) as ``uri``."""
+    head, sep, _ = uri.rpartition("/")
+    return f"{head}{sep}{name}" if sep else name

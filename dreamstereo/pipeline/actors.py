@@ -1,0 +1,162 @@
+"""Thin Ray Data operators around the clip stages: batch (dict of numpy arrays) in, batch out.
+
+One row per clip flows through ``decode_batch`` (CPU: read the input, decode clips, oracle disparity) ->
+``DepthActor`` (loads a depth model once per actor; GPU in production) -> ``PairActor`` (disparity,
+PBDP pair, quality verdict, sample members). An input that yields no clip is one row with its
+verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
+``reason``); anything else raises, and Ray retries the task.
+
+Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a pickled dict.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import time
+
+import numpy as np
+
+from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri
+from dreamstereo.sample import make_key
+from dreamstereo.stages.decode import decode_clips
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity
+from dreamstereo.types import ErrorCode, SampleError
+
+# Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
+INPUT_COLUMNS = ("shard", "input_index", "uri")
+DECODE_COLUMNS = INPUT_COLUMNS + ("clip_index", "clips", "status", "reason", "message", "frames", "relative",
+                                  "clip_meta", "timings")
+PAIR_COLUMNS = ("shard", "input_index", "uri", "clip_index", "clips", "record", "members", "timings")
+
+
+def pack(array: np.ndarray | None) -> bytes:
+    if array is None:
+        return b""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def unpack(data: bytes) -> np.ndarray | None:
+    return np.load(io.BytesIO(data), allow_pickle=False) if data else None
+
+
+def _rows_to_batch(rows: list[dict], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for column in columns:
+        values = [row.get(column) for row in rows]
+        out[column] = np.array(values, dtype=object) if values else np.empty(0, dtype=object)
+    return out
+
+
+def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(batch.values()))) if batch else 0
+    return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None) -> dict[str, np.ndarray]:
+    """Read and decode each input; one row per clip (or one row with the input's verdict)."""
+    out = []
+    for row in _rows(batch):
+        start = time.perf_counter()
+        base = {k: row[k] for k in INPUT_COLUMNS}
+        try:
+            probe, clips = decode_clips(read_uri(str(row["uri"]), s3), cfg.decode)
+        except (SampleError, StorageError) as exc:
+            code = exc.code if isinstance(exc, SampleError) else ErrorCode.DECODE_FAILED
+            status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"
+            out.append({**base, "clip_index": 0, "clips": 1, "status": status, "reason": code.value,
+                        "message": getattr(exc, "message", str(exc)), "frames": b"", "relative": b"",
+                        "clip_meta": "{}", "timings": json.dumps({"decode": time.perf_counter() - start})})
+            continue
+        relatives = _oracle(row, probe, clips, cfg, s3) if cfg.depth.backend is DepthBackendName.ORACLE else None
+        seconds = (time.perf_counter() - start) / len(clips)
+        for index, clip in enumerate(clips):
+            relative = relatives[index] if relatives is not None else None
+            error = relative if isinstance(relative, SampleError) else None
+            meta = {"indices": list(clip.indices), "fps": clip.fps, "bucket": list(clip.bucket),
+                    "probe": {k: getattr(probe, k) for k in probe.__dataclass_fields__}}
+            out.append({**base, "clip_index": index, "clips": len(clips),
+                        "status": "failed" if error else "pending", "reason": error.code.value if error else None,
+                        "message": error.message if error else None, "frames": pack(clip.frames),
+                        "relative": b"" if error or relative is None else pack(relative),
+                        "clip_meta": json.dumps(meta), "timings": json.dumps({"decode": seconds})})
+    return _rows_to_batch(out, DECODE_COLUMNS)
+
+
+def _oracle(row, probe, clips, cfg, s3) -> list:
+    """Per clip: the oracle disparity, or the SampleError that stands for it."""
+    uri = str(row["uri"])
+    stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    try:
+        with np.load(io.BytesIO(read_uri(sibling_uri(uri, f"{stem}.disparity.npz"), s3)), allow_pickle=False) as z:
+            sidecar = z["disparity"]
+    except (StorageError, OSError, ValueError, KeyError) as exc:
+        missing = SampleError(ErrorCode.DEPTH_MISSING, "depth", f"no usable disparity sidecar ({exc})")
+        return [missing] * len(clips)
+    out = []
+    for clip in clips:
+        try:
+            out.append(oracle_disparity(sidecar, clip.indices, probe.frames, (probe.height, probe.width), clip.bucket))
+        except SampleError as exc:
+            out.append(exc)
+    return out
+
+
+class DepthActor:
+    """Loads the depth model once per actor (on ``device``), then fills ``relative`` for pending rows."""
+
+    def __init__(self, cfg, device: str = "cpu"):
+        self.backend = load_backend(cfg.depth, device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = _rows(batch)
+        for row in rows:
+            if row["status"] != "pending":
+                continue
+            start = time.perf_counter()
+            try:
+                row["relative"] = pack(self.backend(unpack(row["frames"])))
+            except SampleError as exc:
+                row["status"], row["reason"], row["message"] = "failed", exc.code.value, exc.message
+            timings = json.loads(row["timings"])
+            timings["depth"] = time.perf_counter() - start
+            row["timings"] = json.dumps(timings)
+        return _rows_to_batch(rows, DECODE_COLUMNS)
+
+
+class PairActor:
+    """Disparity -> PBDP pair -> quality verdict -> sample members (or the row's verdict/error)."""
+
+    def __init__(self, cfg, depth_weights: str | None = None):
+        self.cfg, self.depth_weights = cfg, depth_weights
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from dreamstereo.process import process_clip
+        from dreamstereo.stages.decode import Clip, VideoProbe
+
+        out = []
+        for row in _rows(batch):
+            start = time.perf_counter()
+            uri, index = str(row["uri"]), int(row["clip_index"])
+            timings = json.loads(row["timings"])
+            record = {"key": make_key(uri, index), "source": uri, "input_index": int(row["input_index"]),
+                      "clip_index": index, "status": row["status"], "reason": row["reason"],
+                      "message": row["message"], "scores": {}}
+            members = None
+            if row["status"] == "pending":
+                meta = json.loads(row["clip_meta"])
+                clip = Clip(unpack(row["frames"]), tuple(meta["indices"]), meta["fps"], tuple(meta["bucket"]))
+                result = process_clip(clip, index, uri, VideoProbe(**meta["probe"]), unpack(row["relative"]),
+                                      self.cfg, self.depth_weights)
+                status = "ok" if result.status == "kept" else result.status
+                record.update(status=status, reason=result.reason, message=None, scores=result.scores)
+                members = result.members
+                timings["pair"] = time.perf_counter() - start
+            out.append({"shard": row["shard"], "input_index": row["input_index"], "uri": uri, "clip_index": index,
+                        "clips": row["clips"], "record": json.dumps(record, default=float),
+                        "members": pickle.dumps(members) if members is not None else b"",
+                        "timings": json.dumps(timings)})
+        return _rows_to_batch(out, PAIR_COLUMNS)

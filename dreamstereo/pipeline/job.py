@@ -1,0 +1,186 @@
+"""``dreamstereo generate``: the Ray job over a video list, writing WebDataset shards to a folder or S3.
+
+Order of work: check the output (fail fast) -> read the input list -> split it into shards -> skip the
+shards already committed (their stats file exists) -> stream the pending inputs through the Ray Data
+graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool) -> the driver routes finished clips to
+their shard and commits a shard (tar, parquet, stats last) as soon as all its inputs are accounted
+for -> ``manifest.json`` lists the committed shards and the run summary. Rerunning the same command
+skips committed shards and redoes partial ones, so nothing is duplicated and nothing is lost.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import time
+
+from dreamstereo import __version__
+from dreamstereo.config import ProcessConfig, config_hash, to_yaml
+from dreamstereo.pipeline.actors import DECODE_COLUMNS, INPUT_COLUMNS, PAIR_COLUMNS, DepthActor, PairActor, decode_batch
+from dreamstereo.pipeline.io.manifest import InputConfig, read_inputs, split_shards
+from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
+from dreamstereo.pipeline.io.storage import S3Config, open_storage
+from dreamstereo.stages.depth import DepthBackendName
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ResourcesConfig:
+    """Placement and parallelism per operator (cluster shape only; behaviour lives in the stage configs)."""
+
+    decode_num_cpus: float = 0.5  # CPUs per decode task (fractional: 2-CPU machines must not deadlock)
+    depth_actors: int = 1  # depth model replicas (one model load each)
+    depth_num_gpus: float = 0.0  # GPUs per depth actor (1 on a GPU cluster)
+    depth_num_cpus: float = 0.5
+    depth_device: str = "cpu"  # cuda when depth_num_gpus > 0
+    pair_actors: int = 1  # PBDP / filter / encode replicas
+    pair_num_cpus: float = 0.5
+    batch_size: int = 1  # clips per batch through each operator
+    max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """``dreamstereo generate``."""
+
+    input: InputConfig = dataclasses.field(default_factory=InputConfig)
+    process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    shard_size: int = 16  # inputs per shard
+    ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+
+
+def _init_ray(address: str | None):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+def build_dataset(items: list[dict], cfg: GenerateConfig):
+    """The Ray Data graph over ``items`` (one per input: shard, input_index, uri)."""
+    import ray
+
+    res = cfg.resources
+    produced = set(INPUT_COLUMNS)
+    ds = ray.data.from_items(items)
+    ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus,
+                        fn_kwargs={"cfg": cfg.process, "s3": cfg.s3})
+    produced |= set(DECODE_COLUMNS)
+    if cfg.process.depth.backend is not DepthBackendName.ORACLE:
+        ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
+                            num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
+                            fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device})
+    depth_weights = None if cfg.process.depth.backend is DepthBackendName.ORACLE else cfg.process.depth.resolved_weights()
+    ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
+                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights})
+    missing = set(DECODE_COLUMNS) - produced
+    if missing:  # each operator's inputs must be produced upstream
+        raise RuntimeError(f"pipeline graph: columns {sorted(missing)} are read but never written")
+    return ds
+
+
+def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print) -> dict:
+    """Run (or resume) the job; return the run summary also written into ``output/manifest.json``."""
+    start = time.perf_counter()
+    storage = open_storage(output, cfg.s3)
+    storage.check()
+    inputs = read_inputs(source, cfg.input, cfg.s3)
+    shards = split_shards(inputs, cfg.shard_size)
+    storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
+    done = committed_shards(storage)
+    pending = [k for k in range(len(shards)) if k not in done]
+    echo(f"generate: {len(inputs)} input(s) in {len(shards)} shard(s); {len(done)} already committed, "
+         f"{len(pending)} to do")
+    failed_shards: list[int] = []
+    if pending:
+        _init_ray(cfg.ray_address)
+        items = [{"shard": k, "input_index": i, "uri": v.uri} for k in pending for i, v in enumerate(shards[k])]
+        failed_shards = _stream(build_dataset(items, cfg), shards, pending, storage, cfg, echo)
+    summary = write_manifest(storage, shards, cfg, time.perf_counter() - start, failed_shards)
+    echo(format_summary(summary))
+    return summary
+
+
+def _stream(ds, shards, pending, storage, cfg, echo) -> list[int]:
+    """Route finished clips to their shard; commit each shard when all of its inputs are accounted for."""
+    writers = {k: ShardWriter(storage, k, config_hash=config_hash(cfg)) for k in pending}
+    expected = {k: len(shards[k]) for k in pending}  # inputs per shard
+    clips_seen: dict[tuple[int, int], int] = collections.Counter()
+    inputs_done = collections.Counter()
+    timings = {k: collections.Counter() for k in pending}
+    failed = []
+    for row in ds.iter_rows():
+        shard, index = int(row["shard"]), int(row["input_index"])
+        record = json.loads(row["record"])
+        members = pickle.loads(row["members"]) if row["members"] else None
+        writers[shard].add(record, members)
+        timings[shard].update(json.loads(row["timings"]))
+        clips_seen[(shard, index)] += 1
+        if clips_seen[(shard, index)] == int(row["clips"]):
+            inputs_done[shard] += 1
+            if inputs_done[shard] == expected[shard]:
+                if _commit(writers.pop(shard), dict(timings[shard]), cfg.resources.max_shard_retries):
+                    echo(f"  shard {shard:06d} committed ({len(shards) - len(writers)}/{len(shards)} of this run)")
+                else:
+                    failed.append(shard)
+    failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
+    return sorted(failed)
+
+
+def _commit(writer: ShardWriter, timings: dict, attempts: int) -> bool:
+    for attempt in range(1, attempts + 1):
+        try:
+            writer.commit(timings)
+            return True
+        except Exception as exc:  # a storage fault: retry, then report the shard as failed
+            logger.warning("shard %06d: commit attempt %d/%d failed: %s", writer.shard_id, attempt, attempts, exc)
+            time.sleep(min(2 ** attempt, 10))
+    return False
+
+
+def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:
+    """``manifest.json``: committed shards (path, samples, bytes, sha256) and the run summary."""
+    entries, totals, reasons = [], collections.Counter(), collections.Counter()
+    for k in sorted(committed_shards(storage)):
+        stats = json.loads(storage.read_bytes(shard_name(k, "stats.json")))
+        entries.append({"shard": k, "path": shard_name(k, "tar"), "num_samples": stats["samples"],
+                        "bytes": stats["tar_bytes"], "sha256": stats["tar_sha256"]})
+        for key in ("count", "samples", "ok", "rejected", "failed"):
+            totals[key] += stats[key]
+        reasons.update(stats["reasons"])
+    summary = {
+        "version": __version__, "config_hash": config_hash(cfg), "inputs": sum(len(s) for s in shards),
+        "shards": len(shards), "committed_shards": len(entries), "failed_shards": failed_shards,
+        "clips": totals["count"], "samples": totals["samples"], "rejected": totals["rejected"],
+        "failed": totals["failed"], "reasons": dict(sorted(reasons.items())), "wall_seconds": round(seconds, 2),
+    }
+    storage.write_bytes("manifest.json", json.dumps({"summary": summary, "shards": entries}, indent=2).encode())
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"inputs {summary['inputs']}, shards {summary['committed_shards']}/{summary['shards']} committed, "
+             f"clips {summary['clips']}: {summary['samples']} samples, {summary['rejected']} rejected, "
+             f"{summary['failed']} failed, {summary['wall_seconds']} s"]
+    lines += [f"  {reason}: {count}" for reason, count in summary["reasons"].items()]
+    if summary["failed_shards"]:
+        lines.append(f"  shards that did not commit (rerun to retry): {summary['failed_shards']}")
+    return "\n".join(lines)
