@@ -29,6 +29,15 @@ INPUT_COLUMNS = ("shard", "input_index", "uri")
 DECODE_COLUMNS = INPUT_COLUMNS + ("clip_index", "clips", "status", "reason", "message", "frames", "relative",
                                   "clip_meta", "timings")
 PAIR_COLUMNS = ("shard", "input_index", "uri", "clip_index", "clips", "record", "members", "timings")
+DRIVER_COLUMNS = ("shard", "input_index", "clips", "record", "members", "timings")  # read by the shard router
+
+# (operator, columns it reads, columns it writes), in graph order; pipeline/job.py checks the chain.
+CONTRACT = (
+    ("decode", INPUT_COLUMNS, DECODE_COLUMNS),
+    ("depth", ("status", "frames", "timings"), DECODE_COLUMNS),
+    ("pair", DECODE_COLUMNS, PAIR_COLUMNS),
+    ("driver", DRIVER_COLUMNS, ()),
+)
 
 
 def pack(array: np.ndarray | None) -> bytes:

@@ -20,7 +20,7 @@ import time
 
 from dreamstereo import __version__
 from dreamstereo.config import ProcessConfig, config_hash, to_yaml
-from dreamstereo.pipeline.actors import DECODE_COLUMNS, INPUT_COLUMNS, PAIR_COLUMNS, DepthActor, PairActor, decode_batch
+from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, decode_batch
 from dreamstereo.pipeline.io.manifest import InputConfig, read_inputs, split_shards
 from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
 from dreamstereo.pipeline.io.storage import S3Config, open_storage
@@ -78,11 +78,11 @@ def build_dataset(items: list[dict], cfg: GenerateConfig):
     import ray
 
     res = cfg.resources
-    produced = set(INPUT_COLUMNS)
+    check_contract([name for name, _, _ in CONTRACT if name != "depth" or
+                    cfg.process.depth.backend is not DepthBackendName.ORACLE])
     ds = ray.data.from_items(items)
     ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus,
                         fn_kwargs={"cfg": cfg.process, "s3": cfg.s3})
-    produced |= set(DECODE_COLUMNS)
     if cfg.process.depth.backend is not DepthBackendName.ORACLE:
         ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
                             num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
@@ -91,10 +91,19 @@ def build_dataset(items: list[dict], cfg: GenerateConfig):
     ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
                         fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights})
-    missing = set(DECODE_COLUMNS) - produced
-    if missing:  # each operator's inputs must be produced upstream
-        raise RuntimeError(f"pipeline graph: columns {sorted(missing)} are read but never written")
     return ds
+
+
+def check_contract(operators: list[str]) -> None:
+    """Every column an operator reads must be written by the operator before it (or be an input column)."""
+    available = set(INPUT_COLUMNS)
+    for name, reads, writes in CONTRACT:
+        if name not in operators:
+            continue
+        missing = set(reads) - available
+        if missing:
+            raise RuntimeError(f"pipeline graph: {name} reads {sorted(missing)}, which nothing upstream writes")
+        available = set(writes) or available
 
 
 def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print) -> dict:

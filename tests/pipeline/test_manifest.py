@@ -80,3 +80,14 @@ def test_shards_are_deterministic():
     assert parse_filter("a b>=2")[0] == "a b"
     with pytest.raises(ValueError):
         split_shards([1], 0)
+
+
+def test_operator_contract_is_a_chain():
+    from dreamstereo.pipeline import actors
+    from dreamstereo.pipeline.job import check_contract
+
+    check_contract(["decode", "depth", "pair", "driver"])
+    check_contract(["decode", "pair", "driver"])  # the oracle needs no depth operator
+    with pytest.raises(RuntimeError, match="pair reads"):
+        check_contract(["pair", "driver"])
+    assert set(actors.DRIVER_COLUMNS) <= set(actors.PAIR_COLUMNS)
