@@ -89,8 +89,12 @@ class DemoConfig:
                               f"{self.width}x{self.height}x{self.num_frames}")
 
 
-# Folder of configs/ -> schema its YAML files override (tests load every file against it).
-SCHEMAS: dict[str, type] = {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig}
+def schemas() -> dict[str, type]:
+    """Folder of ``configs/`` -> the schema its YAML files override (tests load every file against it)."""
+    from dreamstereo.pipeline.job import GenerateConfig  # the job imports this module: resolve late
+
+    return {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig, "process": ProcessConfig,
+            "generate": GenerateConfig}
 
 
 def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> T:
@@ -150,15 +154,3 @@ class ProcessConfig:
     device: str = "cpu"  # where depth models run: cpu, cuda, cuda:1, ...
 
 
-SCHEMAS["process"] = ProcessConfig
-
-
-def _register_generate() -> None:
-    """``configs/generate/`` files load against the job's schema; registered last because
-    ``pipeline.job`` imports this module."""
-    from dreamstereo.pipeline.job import GenerateConfig
-
-    SCHEMAS["generate"] = GenerateConfig
-
-
-_register_generate()

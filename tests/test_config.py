@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dreamstereo.config import SCHEMAS, ConfigError, PbdpConfig, WarpConfig, config_hash, load_config, to_yaml
+from dreamstereo.config import ConfigError, PbdpConfig, WarpConfig, config_hash, load_config, schemas, to_yaml
 from dreamstereo.types import Direction, WarpMethod
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -15,13 +15,13 @@ YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 
 def test_every_config_folder_has_a_schema():
     assert YAMLS, "configs/ holds no YAML"
-    assert {p.parent.name for p in YAMLS} <= set(SCHEMAS)
+    assert {p.parent.name for p in YAMLS} <= set(schemas())
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in YAMLS])
 def test_shipped_yaml_loads_against_its_schema(path):
-    cfg = load_config(SCHEMAS[path.parent.name], [path])
-    assert isinstance(cfg, SCHEMAS[path.parent.name])
+    cfg = load_config(schemas()[path.parent.name], [path])
+    assert isinstance(cfg, schemas()[path.parent.name])
 
 
 def test_overrides_apply_with_types_and_enums():
