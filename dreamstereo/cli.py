@@ -186,12 +186,11 @@ def _cmd_demo(args) -> int:
 
     cfg = load_config(DemoConfig, args.config, args.overrides)
     _check_output_folder(args.out)
-    manifest = run_demo(args.out, cfg)
-    print(f"demo: scene and pbdp outputs in {args.out}/ (round trip through the {manifest['direction']} view; "
-          f"mask1 {100 * manifest['mask1_ratio']:.2f}% of pixels, IoU vs analytic "
-          f"{manifest['mask1_iou_vs_analytic']:.3f}, round trip {manifest['roundtrip_psnr_db']:.2f} dB); "
-          f"open {args.out}/pbdp/preview.png")
-    return 0
+    result = run_demo(args.out, cfg)
+    print(f"demo: videos in {args.out}/videos, double projection in {args.out}/pbdp (open preview.png), "
+          f"shards in {args.out}/shards ({result['generate']['samples']} samples); "
+          f"a sample read back: {args.out}/sample-preview.png")
+    return 1 if result["generate"]["failed_shards"] else 0
 
 
 _COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,

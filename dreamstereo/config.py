@@ -73,18 +73,19 @@ class WarpEvalConfig:
 
 @dataclasses.dataclass
 class DemoConfig:
-    """``dreamstereo demo``: make a synthetic scene and run the data chain on it."""
+    """``dreamstereo demo``: make synthetic scenes and run the data chain and the Ray job on them."""
 
     width: int = 320  # px
     height: int = 192  # px
-    num_frames: int = 9  # frames of the scene video
-    seed: int = 0  # scene layout and textures
+    num_frames: int = 9  # frames of each scene video (= frames per clip)
+    num_videos: int = 4  # scene videos for the generation job (plus one corrupt file)
+    seed: int = 0  # scene layout and textures (video k uses seed + k)
     fps: float = 12.0
     synthesized_eye: Direction = Direction.RIGHT  # training pairs round-trip through the opposite view
     warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
 
     def __post_init__(self):
-        if self.width < 32 or self.height < 32 or self.num_frames < 1:
+        if self.width < 32 or self.height < 32 or self.num_frames < 1 or self.num_videos < 1:
             raise ConfigError(f"demo size must be >= 32x32 with >= 1 frame, got "
                               f"{self.width}x{self.height}x{self.num_frames}")
 

@@ -19,6 +19,7 @@ import torch
 from dreamstereo import __version__, media, preview
 from dreamstereo.config import DemoConfig, PbdpConfig, VideoOutput, config_hash, to_yaml
 from dreamstereo.stages import metrics
+from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.stages.gapw import double_project, training_direction
 from dreamstereo.types import DoubleProjection
 
@@ -199,27 +200,65 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def run_demo(out_dir: str | Path, cfg: DemoConfig) -> dict:
-    """Render a synthetic scene to ``out_dir/scene.mp4`` (+ sidecar) and double-project it into ``out_dir/pbdp``.
+def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
+    """The whole data side on built-in data, in ``out_dir``:
 
-    The round trip goes through the view opposite to ``cfg.synthesized_eye`` (the training-pair rule).
-    Returns the pbdp manifest plus the IoU of mask 1 against the scene's analytic answer.
+    1. ``videos/``: ``cfg.num_videos`` synthetic scenes (mp4 + disparity sidecar) and one corrupt file;
+    2. ``pbdp/``: a double projection of the first scene, scored against its analytic mask;
+    3. ``shards/``: ``dreamstereo generate`` with the oracle backend on a local Ray (WebDataset shards,
+       parquet, stats, ``manifest.json``), and ``sample-preview.png`` from a sample read back.
+
+    Training pairs round-trip through the view opposite to ``cfg.synthesized_eye``. Returns a summary.
     """
+    from dreamstereo.pipeline.job import GenerateConfig, run_generate
     from dreamstereo.scenes import demo_scene, write_scene
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scene = demo_scene(width=cfg.width, height=cfg.height, num_frames=cfg.num_frames, seed=cfg.seed)
-    video, sidecar = write_scene(scene, out_dir / "scene.mp4", fps=cfg.fps)
+    videos = out_dir / "videos"
+    videos.mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for k in range(cfg.num_videos):
+        scene = demo_scene(width=cfg.width, height=cfg.height, num_frames=cfg.num_frames, seed=cfg.seed + k)
+        scenes.append((scene, *write_scene(scene, videos / f"scene{k:02d}.mp4", fps=cfg.fps)))
+    (videos / "corrupt.mp4").write_bytes(b"\x00 not a video " * 64)  # every real corpus has one
+
+    scene, video, sidecar = scenes[0]
     direction = training_direction(cfg.synthesized_eye)
-    pbdp_cfg = PbdpConfig(warp=cfg.warp, direction=direction)
-    manifest = run_pbdp(video, sidecar, out_dir / "pbdp", pbdp_cfg)
+    manifest = run_pbdp(video, sidecar, out_dir / "pbdp", PbdpConfig(warp=cfg.warp, direction=direction))
     # Masks depend on disparity only (exact in the sidecar), so the written mask 1 is scored as is.
     mask1 = media.read_video(out_dir / "pbdp" / manifest["outputs"]["mask1"])[0][..., 0] > 127
-    manifest["mask1_iou_vs_analytic"] = metrics.mask_scores(mask1, scene.occluded[direction]).iou
+    iou = metrics.mask_scores(mask1, scene.occluded[direction]).iou
+    echo(f"pbdp: round trip through the {direction.value} view, mask 1 IoU vs the analytic answer {iou:.3f}")
+
+    job = GenerateConfig(shard_size=2)
+    job.process.depth.backend = DepthBackendName.ORACLE
+    job.process.decode.clip_frames = cfg.num_frames
+    job.process.decode.buckets = [[cfg.height, cfg.width]]
+    job.process.decode.min_short_side = min(cfg.height, cfg.width)
+    job.process.pairs.synthesized_eye = cfg.synthesized_eye
+    job.process.pairs.warp = cfg.warp
+    summary = run_generate(str(videos), str(out_dir / "shards"), job, echo=echo)
+    first = _first_sample(out_dir / "shards")
+    if first is not None:
+        media.write_image(out_dir / "sample-preview.png", preview.contact_sheet([
+            ("clean V1", first.clean[0]), ("disparity", preview.colourize_disparity(first.disparity[0])),
+            ("round trip V1'", first.warped[0]), ("mask M1", preview.overlay_mask(first.clean[0], first.mask[0]))]))
+    result = {"command": "demo", "version": __version__, "config_hash": config_hash(cfg),
+              "direction": direction.value, "mask1_iou_vs_analytic": iou, "pbdp": manifest, "generate": summary}
     _write_text(out_dir / "config.yaml", to_yaml(cfg))
-    _write_text(out_dir / "manifest.json", json.dumps(
-        {"command": "demo", "version": __version__, "scene": "scene.mp4", "sidecar": Path(sidecar).name,
-         "pbdp": "pbdp/", "config_hash": config_hash(cfg), **{k: manifest[k] for k in
-         ("direction", "method", "mask1_ratio", "roundtrip_psnr_db", "mask1_iou_vs_analytic")}}, indent=2))
-    return manifest
+    _write_text(out_dir / "manifest.json", json.dumps(result, indent=2))
+    return result
+
+
+def _first_sample(shards_dir: Path):
+    """The first sample of the first non-empty shard, decoded (None when the run kept nothing)."""
+    import webdataset as wds
+
+    from dreamstereo.sample import read_sample
+
+    listing = json.loads((shards_dir / "manifest.json").read_text())
+    for entry in listing["shards"]:
+        if entry["num_samples"]:
+            sample = next(iter(wds.WebDataset(str(shards_dir / entry["path"]), shardshuffle=False)))
+            return read_sample(sample, sample["__key__"])
+    return None

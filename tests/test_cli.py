@@ -161,14 +161,21 @@ def test_warp_eval_missing_folder_exits_2(capsys, tmp_path):
     assert code == 2 and "does not exist" in err
 
 
-def test_demo_writes_scene_and_pairs(capsys, tmp_path):
+@pytest.mark.slow
+def test_demo_runs_the_data_side_end_to_end(capsys, tmp_path):
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     out = tmp_path / "demo"
-    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_frames=3")
-    assert code == 0 and "left view" in stdout  # training pairs for a right eye go through the left view
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["direction"] == "left" and manifest["mask1_iou_vs_analytic"] >= 0.9
-    assert (out / "scene.mp4").is_file() and (out / "scene.disparity.npz").is_file()
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_videos=2", "width=160", "height=96")
+    assert code == 0, stdout
+    result = json.loads((out / "manifest.json").read_text())
+    assert result["direction"] == "left" and result["mask1_iou_vs_analytic"] >= 0.9
+    summary = result["generate"]
+    assert summary["inputs"] == 3 and summary["samples"] + summary["rejected"] == 2 and summary["failed"] == 1
     assert (out / "pbdp" / "preview.png").is_file() and (out / "config.yaml").is_file()
+    assert (out / "shards" / "manifest.json").is_file() and (out / "shards" / "_run_config.yaml").is_file()
+    assert summary["samples"] == 0 or (out / "sample-preview.png").is_file()
 
 
 def test_console_script_is_installed():
