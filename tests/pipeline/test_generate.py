@@ -28,6 +28,8 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # another test module (e.g. the demo) left a session running
+        ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=300 * 1024 * 1024)
     yield
