@@ -20,7 +20,7 @@ from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
 from dreamstereo.sample import encode_sample, make_key, write_sample_files
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
 from dreamstereo.stages.pairs import make_pair
 from dreamstereo.stages.quality import decide, score_quality
@@ -38,16 +38,17 @@ def sidecar_path(video: str | Path) -> Path:
 
 
 def read_sidecar(video: str | Path) -> np.ndarray:
-    """The oracle disparity of a video, ``(T, H, W)`` float32.
+    """The oracle disparity of a video, ``(T, H, W)`` float32 (see :func:`parse_sidecar`).
 
     Raises:
         SampleError: ``DEPTH_MISSING`` when there is no readable sidecar.
     """
     path = sidecar_path(video)
     try:
-        return media.read_disparity(path)
-    except media.MediaError as exc:
-        raise SampleError(ErrorCode.DEPTH_MISSING, "depth", str(exc)) from None
+        data = path.read_bytes()
+    except OSError as exc:
+        raise SampleError(ErrorCode.DEPTH_MISSING, "depth", f"{str(path)!r}: {exc.strerror or exc}") from None
+    return parse_sidecar(data)
 
 
 @dataclasses.dataclass
@@ -113,11 +114,13 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
     """
     start = time.perf_counter()
     video, out_dir = Path(video), Path(out_dir)
-    source = str(video)
+    source = str(video.resolve())  # keys and seeds follow the file, not how its path was spelled
+    if not video.is_file():  # also refuses devices and pipes (/dev/zero would never end)
+        raise media.MediaError(f"{str(video)!r}: not a regular file")
     try:
         data = video.read_bytes()
     except OSError as exc:
-        raise media.MediaError(f"{source!r}: cannot read ({exc.strerror or exc})") from None
+        raise media.MediaError(f"{str(video)!r}: cannot read ({exc.strerror or exc})") from None
     results: list[ClipResult] = []
     try:
         probe, clips = decode_clips(data, cfg.decode)

@@ -10,10 +10,10 @@ import pytest
 from dreamstereo.cli import main
 from dreamstereo.sample import read_sample_files
 from dreamstereo.scenes import demo_scene, write_scene
-from tests.conftest import SHARED_DATA
+from tests.conftest import REPO, SHARED_DATA
 from tests.videos import moving_pattern, write_audio_only, write_video
 
-SMALL = ["--config", "configs/process/small.yaml", "decode.buckets=[[64,96]]", "decode.min_short_side=32",
+SMALL = ["--config", str(REPO / "configs" / "process" / "small.yaml"), "decode.buckets=[[64,96]]", "decode.min_short_side=32",
          "decode.clip_frames=9"]
 
 
@@ -45,6 +45,16 @@ def test_oracle_on_a_synthetic_scene(capsys, tmp_path):
     code, _, _ = _run(capsys, "process", video, "--out", str(tmp_path / "again"), "--depth", "oracle", *SMALL)
     again = read_sample_files(tmp_path / "again", kept[0]["key"])
     assert np.array_equal(again.mask, sample.mask) and again.meta["max_disparity"] == sample.meta["max_disparity"]
+
+
+def test_keys_do_not_depend_on_how_the_path_is_spelled(capsys, tmp_path, monkeypatch):
+    video, _ = write_scene(demo_scene(width=192, height=128, num_frames=12), tmp_path / "v.mp4", fps=24)
+    monkeypatch.chdir(tmp_path)
+    _run(capsys, "process", "v.mp4", "--out", "a", "--depth", "oracle", *SMALL)
+    _run(capsys, "process", str(tmp_path / "." / "v.mp4"), "--out", "b", "--depth", "oracle", *SMALL)
+    keys_a = [c["key"] for c in json.loads((tmp_path / "a" / "manifest.json").read_text())["clips"]]
+    keys_b = [c["key"] for c in json.loads((tmp_path / "b" / "manifest.json").read_text())["clips"]]
+    assert keys_a == keys_b and keys_a
 
 
 def test_tiny_depth_anything_v2(capsys, tmp_path, tiny_dav2):
@@ -82,6 +92,13 @@ def _bad_input(kind: str, tmp_path):
     if kind == "text":
         (tmp_path / "notes.mp4").write_text("this is a text file\n" * 50)
         return str(tmp_path / "notes.mp4"), None
+    if kind == "directory":
+        (tmp_path / "folder.mp4").mkdir()
+        return str(tmp_path / "folder.mp4"), None
+    if kind == "device":
+        return "/dev/zero", None
+    if kind == "sidecar_nan":
+        return write_video(tmp_path / "nan.mp4", moving_pattern(20, 64, 96)), 20
     if kind == "audio_only":
         return write_audio_only(tmp_path / "audio.mp4"), None
     if kind in ("truncated_index_at_end", "truncated_faststart", "header_only"):
@@ -115,9 +132,10 @@ def _bad_input(kind: str, tmp_path):
     raise AssertionError(kind)
 
 
-UNREADABLE = ["missing", "empty", "random", "text", "audio_only", "truncated_index_at_end", "header_only"]
+UNREADABLE = ["missing", "empty", "random", "text", "audio_only", "truncated_index_at_end", "header_only",
+              "directory", "device"]
 READABLE = ["single_frame", "tiny_16x16", "portrait_rotated", "variable_frame_rate", "av1", "grayscale",
-            "odd_name", "sidecar_wrong_frames", "truncated_faststart"]
+            "odd_name", "sidecar_wrong_frames", "truncated_faststart", "sidecar_nan"]
 
 
 @pytest.mark.parametrize("kind", UNREADABLE + READABLE)
@@ -126,6 +144,11 @@ def test_bad_inputs_give_a_sample_a_verdict_or_one_error_line(capsys, tmp_path, 
     if sidecar_frames is not None:
         rotated = kind == "portrait_rotated"
         _sidecar_for(video, sidecar_frames, 96 if rotated else 64, 64 if rotated else 96)
+        if kind == "sidecar_nan":
+            sidecar = video.rsplit(".", 1)[0] + ".disparity.npz"
+            disparity = np.load(sidecar)["disparity"]
+            disparity[:, 10, 10] = np.nan
+            np.savez(sidecar, disparity=disparity)
     out = tmp_path / "out"
     code, stdout, err = _run(capsys, "process", video, "--out", str(out), "--depth", "oracle", *SMALL,
                              "decode.buckets=[[64,96]]")
@@ -134,6 +157,7 @@ def test_bad_inputs_give_a_sample_a_verdict_or_one_error_line(capsys, tmp_path, 
         assert code == 2, (kind, stdout, err)
         line = err.strip().splitlines()
         assert len(line) == 1 and line[0].startswith("dreamstereo process: error:") and video.split("/")[-1] in line[0]
+        assert "Traceback" not in err
         assert not out.exists()
         return
     assert code == 0, (kind, err)
@@ -146,6 +170,8 @@ def test_bad_inputs_give_a_sample_a_verdict_or_one_error_line(capsys, tmp_path, 
         assert statuses == {"rejected": "too_small"}
     elif kind == "sidecar_wrong_frames":
         assert statuses == {"failed": "depth_mismatch"}
+    elif kind == "sidecar_nan":
+        assert statuses == {"rejected": "degenerate_depth"}
     else:
         assert set(statuses) <= {"kept", "rejected"}
         if kind == "portrait_rotated":

@@ -21,7 +21,7 @@ import numpy as np
 from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.types import ErrorCode, SampleError
 
 # Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
@@ -100,11 +100,13 @@ def _oracle(row, probe, clips, cfg, s3) -> list:
     uri = str(row["uri"])
     stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
     try:
-        with np.load(io.BytesIO(read_uri(sibling_uri(uri, f"{stem}.disparity.npz"), s3)), allow_pickle=False) as z:
-            sidecar = z["disparity"]
-    except (StorageError, OSError, ValueError, KeyError) as exc:
-        missing = SampleError(ErrorCode.DEPTH_MISSING, "depth", f"no usable disparity sidecar ({exc})")
-        return [missing] * len(clips)
+        sidecar = parse_sidecar(read_uri(sibling_uri(uri, f"{stem}.disparity.npz"), s3))
+    except StorageError as exc:
+        sidecar = SampleError(ErrorCode.DEPTH_MISSING, "depth", f"no disparity sidecar ({exc})")
+    except SampleError as exc:
+        sidecar = exc
+    if isinstance(sidecar, SampleError):
+        return [sidecar] * len(clips)
     out = []
     for clip in clips:
         try:

@@ -39,7 +39,7 @@ class DecodeConfig:
     clip_frames: int = 49  # frames per clip; 4k + 1 as Wan's VAE needs
     target_fps: float | None = None  # resample to this frame rate (never above the source); None = source
     clip_stride: int | None = None  # frames (after resampling) between clip starts; None = clip_frames
-    max_clips: int = 4  # clips per video at most
+    max_clips: int = 4  # clips per video at most, spread evenly over the video
     buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
     min_short_side: int = 256  # px; smaller videos are rejected as too small, larger ones may be upscaled
 
@@ -170,7 +170,9 @@ def plan_clips(timestamps: np.ndarray, source_fps: float, cfg: DecodeConfig) -> 
     nearest -= (times - timestamps[nearest - 1]) < (timestamps[nearest] - times)  # the closer neighbour
     nearest = np.clip(nearest, 0, n - 1)
     stride = cfg.clip_stride or cfg.clip_frames
-    starts = list(range(0, samples - cfg.clip_frames + 1, stride))[: cfg.max_clips]
+    starts = list(range(0, samples - cfg.clip_frames + 1, stride))
+    if len(starts) > cfg.max_clips:  # spread the kept clips over the whole video, not its first seconds
+        starts = [starts[round(k)] for k in np.linspace(0, len(starts) - 1, cfg.max_clips)]
     return [nearest[s:s + cfg.clip_frames].tolist() for s in starts], fps
 
 
@@ -190,25 +192,27 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
     """
     probe = probe_video(data)
     bucket = choose_bucket(probe.width, probe.height, cfg)
-    try:
-        clips, fps, decoded, count = _decode_with_decord(data, probe, cfg)
-    except _DecordCannot:
-        clips, fps, decoded, count = _decode_with_pyav(data, probe, cfg)
-    probe = dataclasses.replace(probe, frames=count)  # what decodes, not what the container claims
-    out = []
-    for indices, frames in zip(clips, decoded):
+
+    def shrink(frames: np.ndarray) -> np.ndarray:
+        """Check decoded frames and bring them to the bucket at once (memory stays ~ one source clip)."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[1:3] != (probe.height, probe.width):
             raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"decoder returned frames of shape {frames.shape}, "
                                                               f"expected {probe.height}x{probe.width}x3")
-        out.append(Clip(resize_center_crop(frames, bucket), tuple(int(i) for i in indices), fps, bucket))
-    return probe, out
+        return resize_center_crop(frames, bucket)
+
+    try:
+        clips, fps, decoded, count = _decode_with_decord(data, probe, cfg, shrink)
+    except _DecordCannot:
+        clips, fps, decoded, count = _decode_with_pyav(data, probe, cfg, shrink)
+    probe = dataclasses.replace(probe, frames=count)  # what decodes, not what the container claims
+    return probe, [Clip(frames, tuple(int(i) for i in indices), fps, bucket) for indices, frames in zip(clips, decoded)]
 
 
 class _DecordCannot(Exception):
     """decord could not open the stream (e.g. AV1); PyAV takes over."""
 
 
-def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
+def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink):
     import decord  # imported here so a worker process sets up its own library state
 
     try:
@@ -219,14 +223,16 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
     try:
         timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
         clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
-        return clips, fps, [reader.get_batch(indices).asnumpy() for indices in clips], len(timestamps)
+        return clips, fps, [shrink(reader.get_batch(indices).asnumpy()) for indices in clips], len(timestamps)
+    except SampleError:
+        raise
     except (RuntimeError, decord.DECORDError, IndexError) as exc:
         # e.g. decord's batch copy fails on rotated streams (size check); PyAV decides for good.
         logger.debug("decord failed (%s); decoding with PyAV", str(exc)[:100])
         raise _DecordCannot from None
 
 
-def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
+def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink):
     """Two passes: packet timestamps to plan the clips, then decode up to the last frame needed."""
     try:
         with av.open(io.BytesIO(data)) as container:
@@ -239,7 +245,7 @@ def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig):
         with av.open(io.BytesIO(data)) as container:
             for index, frame in enumerate(container.decode(container.streams.video[0])):
                 if index in wanted:
-                    frames[index] = np.rot90(frame.to_ndarray(format="rgb24"), k=probe.rotation // 90)
+                    frames[index] = shrink(np.rot90(frame.to_ndarray(format="rgb24"), k=probe.rotation // 90)[None])[0]
                 if index >= max(wanted):
                     break
         return clips, fps, [np.stack([frames[i] for i in clip]) for clip in clips], len(timestamps)

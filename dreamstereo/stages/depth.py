@@ -60,6 +60,8 @@ class DepthConfig:
     window: int = 110  # DepthCrafter frames per window
     overlap: int = 25  # DepthCrafter frames shared by consecutive windows, blended linearly
     max_resolution: int = 1024  # DepthCrafter long side in px (rounded to multiples of 64)
+    noise_aug_strength: float = 0.02  # DepthCrafter: noise on the conditioning video and its time id
+    fp16: bool = False  # DepthCrafter: half-precision UNet and image encoder (GPU)
 
     def __post_init__(self):
         if not 0 <= self.overlap < self.window or self.steps < 1:
@@ -94,6 +96,26 @@ def resize_maps(maps: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     return out
 
 
+def parse_sidecar(data: bytes) -> np.ndarray:
+    """The ``disparity`` array of a ``<stem>.disparity.npz`` sidecar's bytes, ``(T, H, W)`` float32.
+
+    NaN/inf are kept: the quality filter rejects such a clip as degenerate depth, with its scores.
+
+    Raises:
+        SampleError: ``DEPTH_MISSING`` when the bytes are not an npz with a 3-D ``disparity`` array.
+    """
+    import io
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            disparity = np.asarray(z["disparity"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise SampleError(ErrorCode.DEPTH_MISSING, STAGE, f"unreadable disparity sidecar ({exc})") from None
+    if disparity.ndim != 3:
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar must be (T, H, W), got {disparity.shape}")
+    return disparity
+
+
 def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frames: int,
                      source_size: tuple[int, int], bucket: tuple[int, int]) -> np.ndarray:
     """The clip's frames of a disparity sidecar, resized to the source and cropped like the frames.
@@ -112,6 +134,10 @@ def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frame
         raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
                           f"sidecar has {sidecar.shape[0]} frames, the video {source_frames}")
     picked = np.asarray(sidecar[list(indices)], np.float32)
+    (sh, sw), (vh, vw) = picked.shape[1:], source_size
+    if abs(sh * vw - sw * vh) > 0.01 * vh * vw:  # a different aspect: not a resized copy of this video
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
+                          f"sidecar is {sw}x{sh}, the video {vw}x{vh} (display orientation): aspects differ")
     if picked.shape[1:] != tuple(source_size):
         picked = np.stack([cv2.resize(m, (source_size[1], source_size[0]), interpolation=cv2.INTER_LINEAR)
                            for m in picked])
@@ -163,6 +189,9 @@ def _load_pretrained(loader, weights: str, what: str, *, subfolder: str | None =
             return loader.from_pretrained(weights, **extra)
     except (OSError, ValueError) as exc:
         name = Path(weights).name
+        if local.exists():
+            raise DepthWeightsError(f"{what} weights: the local folder {str(local / (subfolder or ''))!r} does not "
+                                    f"hold a loadable model ({str(exc).splitlines()[0][:160]})") from None
         raise DepthWeightsError(
             f"{what} weights {weights!r}{f' ({subfolder}/)' if subfolder else ''} are not a local folder and "
             f"could not be fetched from the hub ({str(exc).splitlines()[0][:160]}). Download them where you "
@@ -224,5 +253,5 @@ def load_backend(cfg: DepthConfig, device: str | torch.device = "cpu"):
 
         return DepthCrafter(cfg.resolved_weights(), cfg.base_weights, device=device, steps=cfg.steps,
                             window=cfg.window, overlap=cfg.overlap, max_resolution=cfg.max_resolution,
-                            chunk=cfg.batch_size)
+                            noise_aug_strength=cfg.noise_aug_strength, fp16=cfg.fp16, chunk=cfg.batch_size)
     raise ValueError(f"depth backend {cfg.backend.value!r} has no model to load")

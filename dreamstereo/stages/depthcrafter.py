@@ -71,7 +71,7 @@ class DepthCrafter:
 
     def __init__(self, weights: str, base_weights: str, *, device: str | torch.device = "cpu",
                  steps: int = 5, window: int = 110, overlap: int = 25, max_resolution: int = 1024,
-                 noise_aug_strength: float = 0.0, seed: int = 42, chunk: int = 8):
+                 noise_aug_strength: float = 0.02, seed: int = 42, chunk: int = 8, fp16: bool = False):
         from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
         from transformers import CLIPVisionModelWithProjection
 
@@ -87,6 +87,9 @@ class DepthCrafter:
         self.device = torch.device(device)
         for module in (self.unet, self.vae, self.image_encoder):
             module.to(self.device).eval()
+        if fp16:  # as DepthCrafter's runner does on GPUs (about half the memory)
+            self.unet.half()
+            self.image_encoder.half()
         self.context = install_per_frame_context(self.unet)
         self.weights, self.base_weights = weights, base_weights
         self.steps, self.window, self.overlap = steps, window, overlap
@@ -148,7 +151,7 @@ class DepthCrafter:
                                                 antialias=True)  # (T, 3, h, w) in [-1, 1]
         dtype = next(self.unet.parameters()).dtype
         generator = torch.Generator(self.device).manual_seed(self.seed)
-        embeddings = self._embed(video).to(dtype)[None]  # (1, T, C)
+        embeddings = self._embed(video.to(self.image_encoder.dtype)).to(dtype)[None]  # (1, T, C)
         noisy = video + self.noise_aug_strength * torch.randn(video.shape, generator=generator, device=self.device)
         condition = self._encode(noisy).to(dtype)[None]  # (1, T, 4, h/8, w/8)
         added = torch.tensor([[*ADDED_TIME_IDS, self.noise_aug_strength]], device=self.device, dtype=dtype)
@@ -164,10 +167,12 @@ class DepthCrafter:
             end = min(start + window, t)
             latents = init[:, : end - start].clone()
             init = torch.cat([init[:, -overlap:], init[:, :stride]], dim=1) if overlap else init
-            previous = None if result is None else result[:, -overlap:]
+            previous = None if result is None or not overlap else result[:, -overlap:]
             latents = self._denoise(latents, condition[:, start:end], embeddings[:, start:end], added, previous)
             if result is None:
                 result = latents
+            elif not overlap:  # windows side by side
+                result = torch.cat([result, latents], dim=1)
             else:  # blend the shared frames linearly from the previous window into this one
                 ramp = torch.linspace(0, 1, overlap, device=self.device, dtype=dtype).view(1, overlap, 1, 1, 1)
                 result[:, -overlap:] = latents[:, :overlap] * ramp + result[:, -overlap:] * (1 - ramp)

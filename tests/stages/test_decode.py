@@ -25,10 +25,13 @@ def test_probe_reports_frames_fps_size_codec(tmp_path):
 
 def test_plan_clips_by_time():
     timestamps = np.arange(30) / 24.0
-    clips, fps = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=5, target_fps=12, max_clips=2))
-    assert fps == 12 and clips == [[0, 2, 4, 6, 8], [10, 12, 14, 16, 18]]
-    clips, _ = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=5, clip_stride=2, max_clips=3))
-    assert clips == [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6], [4, 5, 6, 7, 8]]
+    clips, fps = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=5, target_fps=12, max_clips=3))
+    assert fps == 12 and clips == [[0, 2, 4, 6, 8], [10, 12, 14, 16, 18], [20, 22, 24, 26, 28]]
+    # Fewer clips than fit: they are spread over the video (first and last), not bunched at the start.
+    clips, _ = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=5, target_fps=12, max_clips=2))
+    assert clips == [[0, 2, 4, 6, 8], [20, 22, 24, 26, 28]]
+    clips, _ = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=5, clip_stride=2, max_clips=30))
+    assert clips[:3] == [[0, 1, 2, 3, 4], [2, 3, 4, 5, 6], [4, 5, 6, 7, 8]] and len(clips) == 13
     # A target above the source rate keeps the source rate (no duplicated frames).
     clips, fps = plan_clips(timestamps, 24.0, DecodeConfig(clip_frames=30, target_fps=60))
     assert fps == 24 and clips == [list(range(30))]

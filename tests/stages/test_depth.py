@@ -50,6 +50,12 @@ def test_oracle_sidecar_of_another_size_is_resized():
     assert resize_maps(oracle_disparity(sidecar, (0,), 4, (48, 64), (48, 64)), (48, 64)).shape == (1, 48, 64)
 
 
+def test_oracle_sidecar_of_another_aspect_is_a_mismatch():
+    with pytest.raises(SampleError) as info:
+        oracle_disparity(np.ones((4, 48, 48), np.float32), (0,), 4, (48, 64), (48, 64))
+    assert info.value.code is ErrorCode.DEPTH_MISMATCH and "aspects differ" in str(info.value)
+
+
 def test_oracle_with_the_wrong_frame_count_is_a_sample_error():
     with pytest.raises(SampleError) as info:
         oracle_disparity(np.zeros((5, 8, 8), np.float32), (0, 1), 9, (8, 8), (8, 8))

@@ -36,6 +36,11 @@ def test_windows_cover_every_frame_once_with_blending(tiny_depthcrafter):
     assert not np.array_equal(windowed, whole)
 
 
+def test_windows_without_overlap_are_joined(tiny_depthcrafter):
+    depth = _backend(tiny_depthcrafter, window=4, overlap=0)(moving_pattern(10, 48, 80))  # 4 + 4 + 2 frames
+    assert depth.shape == (10, 48, 80) and np.isfinite(depth).all()
+
+
 def test_per_frame_context_reaches_only_spatial_cross_attention(tiny_depthcrafter):
     backend = _backend(tiny_depthcrafter)
     names = [n for n, p in backend.unet.attn_processors.items() if p is backend.context]

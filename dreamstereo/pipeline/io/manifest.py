@@ -74,6 +74,8 @@ def read_inputs(source: str, cfg: InputConfig, s3: S3Config | None = None) -> li
         videos = [InputVideo(uri, {}) for uri in _list_videos(source, s3)]
     if not videos:
         raise StorageError(f"no input videos found in {source!r}")
+    # Local paths become absolute: sample keys hash the URI, so they must not depend on the cwd.
+    videos = [v if "://" in v.uri else InputVideo(str(Path(v.uri).resolve()), v.row) for v in videos]
     return videos[: cfg.limit] if cfg.limit is not None else videos
 
 
