@@ -122,13 +122,13 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print) -
     if pending:
         _init_ray(cfg.ray_address)
         items = [{"shard": k, "input_index": i, "uri": v.uri} for k in pending for i, v in enumerate(shards[k])]
-        failed_shards = _stream(build_dataset(items, cfg), shards, pending, storage, cfg, echo)
+        failed_shards = _stream(build_dataset(items, cfg), shards, pending, storage, cfg, echo, len(done))
     summary = write_manifest(storage, shards, cfg, time.perf_counter() - start, failed_shards)
     echo(format_summary(summary))
     return summary
 
 
-def _stream(ds, shards, pending, storage, cfg, echo) -> list[int]:
+def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
     """Route finished clips to their shard; commit each shard when all of its inputs are accounted for."""
     writers = {k: ShardWriter(storage, k, config_hash=config_hash(cfg)) for k in pending}
     expected = {k: len(shards[k]) for k in pending}  # inputs per shard
@@ -147,7 +147,8 @@ def _stream(ds, shards, pending, storage, cfg, echo) -> list[int]:
             inputs_done[shard] += 1
             if inputs_done[shard] == expected[shard]:
                 if _commit(writers.pop(shard), dict(timings[shard]), cfg.resources.max_shard_retries):
-                    echo(f"  shard {shard:06d} committed ({len(shards) - len(writers)}/{len(shards)} of this run)")
+                    already += 1
+                    echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done)")
                 else:
                     failed.append(shard)
     failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
