@@ -40,8 +40,11 @@ def is_image(path: str | Path) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write to; rename it to ``path`` on success, delete on error."""
+    """Yield a temporary sibling of ``path`` to write to; rename it to ``path`` on success, delete on error.
+
+    Missing parent folders are created."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
         yield tmp
