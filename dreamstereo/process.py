@@ -69,8 +69,9 @@ class ClipResult:
 
 
 def process_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relative: np.ndarray,
-                 cfg: ProcessConfig, depth_weights: str | None) -> ClipResult:
-    """Disparity -> pair -> verdict -> members for one decoded clip with its relative disparity."""
+                 cfg: ProcessConfig, depth_weights: str | None, *, make_preview: bool = False) -> ClipResult:
+    """Disparity -> pair -> verdict -> members for one decoded clip with its relative disparity
+    (plus a contact sheet when ``make_preview``)."""
     key = make_key(source, clip_index)
     frames = clip.frames
     width = frames.shape[2]
@@ -97,12 +98,14 @@ def process_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, re
         "warp": to_plain(cfg.pairs.warp), "config_hash": config_hash(cfg), "package_version": __version__,
     }
     members = encode_sample(pair.clean, pair.warped, pair.mask, pair.disparity, meta, clip.fps)
-    sheet = preview.contact_sheet([
-        ("frame", pair.clean[0]),
-        ("disparity", preview.colourize_disparity(pair.disparity[0])),
-        ("round trip", pair.warped[0]),
-        ("mask", preview.overlay_mask(pair.clean[0], pair.mask[0])),
-    ])
+    sheet = None
+    if make_preview:
+        sheet = preview.contact_sheet([
+            ("frame", pair.clean[0]),
+            ("disparity", preview.colourize_disparity(pair.disparity[0])),
+            ("round trip", pair.warped[0]),
+            ("mask", preview.overlay_mask(pair.clean[0], pair.mask[0])),
+        ])
     return ClipResult(key, clip_index, "kept", None, dataclasses.asdict(scores), members, sheet)
 
 
@@ -160,7 +163,9 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
                 results.append(ClipResult(make_key(source, index), index, "failed", relative.code.value,
                                           {"message": relative.message}))
             else:
-                results.append(process_clip(clip, index, source, probe, relative, cfg, depth_weights))
+                first_kept = not any(r.status == "kept" for r in results)
+                results.append(process_clip(clip, index, source, probe, relative, cfg, depth_weights,
+                                            make_preview=first_kept))
     out_dir.mkdir(parents=True, exist_ok=True)
     sheet = None
     for result in results:

@@ -19,8 +19,9 @@ import time
 import numpy as np
 
 from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri
+from dreamstereo.process import process_clip
 from dreamstereo.sample import make_key
-from dreamstereo.stages.decode import decode_clips
+from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.types import ErrorCode, SampleError
 
@@ -145,9 +146,6 @@ class PairActor:
         self.cfg, self.depth_weights = cfg, depth_weights
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from dreamstereo.process import process_clip
-        from dreamstereo.stages.decode import Clip, VideoProbe
-
         out = []
         for row in _rows(batch):
             start = time.perf_counter()

@@ -92,7 +92,11 @@ class ShardWriter:
             self._tar = wds.TarWriter(str(self._tar_path))
         self._tar.close()
         tar_bytes = self._tar_path.stat().st_size
-        sha = hashlib.sha256(self._tar_path.read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with open(self._tar_path, "rb") as fh:  # shards can be GBs: hash in chunks
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        sha = digest.hexdigest()
         self.storage.upload_file(shard_name(self.shard_id, "tar"), self._tar_path)
         rows = [{**r, "scores": json.dumps(r.get("scores") or {}, sort_keys=True)} for r in self.records]
         buffer = io.BytesIO()
