@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
                    help="depth backend (default: config)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="also redo committed shards with samples that failed with a retryable code")
     _add_config_args(p)
 
     p = sub.add_parser("warp-eval", help="mask quality of each warp method on real stereo pairs")
@@ -156,7 +158,7 @@ def _cmd_generate(args) -> int:
         overrides.append(f"ray_address={args.address}")
     cfg = load_config(GenerateConfig, args.config, overrides)
     try:
-        summary = run_generate(args.input, args.output, cfg)
+        summary = run_generate(args.input, args.output, cfg, retry_failed=args.retry_failed)
     except (StorageError, DepthWeightsError, ValueError) as exc:
         print(f"dreamstereo generate: error: {exc}", file=sys.stderr)
         return 2

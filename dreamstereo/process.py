@@ -18,7 +18,7 @@ import numpy as np
 
 from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
-from dreamstereo.sample import encode_sample, make_key, write_sample_files
+from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
@@ -107,6 +107,23 @@ def process_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, re
             ("mask", preview.overlay_mask(pair.clean[0], pair.mask[0])),
         ])
     return ClipResult(key, clip_index, "kept", None, dataclasses.asdict(scores), members, sheet)
+
+
+def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: ProcessConfig) -> ClipResult:
+    """A clean clip for Stage 1: the quality checks that need no depth, then ``rgb.mp4`` + ``json``."""
+    key = make_key(source, clip_index)
+    frames = clip.frames
+    scores = score_quality(frames, np.zeros(frames.shape[:3], np.float32), None)
+    verdict = decide(scores, cfg.quality, check_mask=False, check_depth=False)
+    if not verdict.keep:
+        return ClipResult(key, clip_index, "rejected", verdict.reason.value, dataclasses.asdict(scores))
+    meta = {"key": key, "source": source, "clip_index": clip_index, "frame_indices": list(clip.indices),
+            "fps": clip.fps, "height": int(frames.shape[1]), "width": int(frames.shape[2]),
+            "bucket": list(clip.bucket), "source_width": probe.width, "source_height": probe.height,
+            "rotation": probe.rotation, "codec": probe.codec, "quality": dataclasses.asdict(scores),
+            "config_hash": config_hash(cfg), "package_version": __version__}
+    return ClipResult(key, clip_index, "kept", None, dataclasses.asdict(scores),
+                      encode_raw_sample(frames, meta, clip.fps))
 
 
 def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, echo=print) -> dict:

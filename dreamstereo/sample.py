@@ -28,6 +28,7 @@ import numpy as np
 from dreamstereo import media
 
 MEMBERS = ("rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json")
+RAW_MEMBERS = ("rgb.mp4", "json")  # `generate mode=raw`: clean clips for Stage 1 training
 FORMAT_VERSION = 1
 
 
@@ -77,6 +78,12 @@ def encode_sample(clean: np.ndarray, warped: np.ndarray, mask: np.ndarray, dispa
         "disp.npz": _npz_bytes(disparity=disparity.astype(np.float16)),
         "json": json.dumps(meta, sort_keys=True).encode(),
     }
+
+
+def encode_raw_sample(clean: np.ndarray, meta: dict, fps: float) -> dict[str, bytes]:
+    """The members of a raw clip (``rgb.mp4`` + ``json``), for Stage 1 training on random masks."""
+    return {"rgb.mp4": media.encode_video_bytes(clean, fps),
+            "json": json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True).encode()}
 
 
 def read_sample(members: Mapping[str, bytes], key: str = "") -> Sample:

@@ -86,6 +86,7 @@ class DoubleProjection:
 class ErrorCode(str, enum.Enum):
     """Why a sample failed (a data problem, recorded per sample; infrastructure faults raise instead)."""
 
+    READ_FAILED = "read_failed"  # the input could not be read from storage (may be transient)
     DECODE_FAILED = "decode_failed"  # the bytes are not a readable video
     NO_VIDEO_STREAM = "no_video_stream"  # e.g. an audio-only file
     TOO_SHORT = "too_short"  # fewer frames than one clip needs
@@ -93,6 +94,9 @@ class ErrorCode(str, enum.Enum):
     DEPTH_MISSING = "depth_missing"  # the oracle backend found no usable sidecar
     DEPTH_MISMATCH = "depth_mismatch"  # sidecar frames or size do not match the video
     DEPTH_FAILED = "depth_failed"  # the depth model produced no finite output
+
+
+RETRYABLE_CODES = frozenset({ErrorCode.READ_FAILED, ErrorCode.DEPTH_FAILED})  # `generate --retry-failed`
 
 
 class SampleError(Exception):

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri
-from dreamstereo.process import process_clip
+from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
@@ -66,8 +66,12 @@ def _rows(batch: dict[str, np.ndarray]) -> list[dict]:
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None) -> dict[str, np.ndarray]:
-    """Read and decode each input; one row per clip (or one row with the input's verdict)."""
+def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = False) -> dict[str, np.ndarray]:
+    """Read and decode each input; one row per clip (or one row with the input's verdict).
+
+    With the oracle backend the clip's disparity comes from the sidecar here (no model to run); ``raw``
+    (clean clips only) needs no disparity at all.
+    """
     out = []
     for row in _rows(batch):
         start = time.perf_counter()
@@ -75,13 +79,14 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None) -> dict[str, np.
         try:
             probe, clips = decode_clips(read_uri(str(row["uri"]), s3), cfg.decode)
         except (SampleError, StorageError) as exc:
-            code = exc.code if isinstance(exc, SampleError) else ErrorCode.DECODE_FAILED
+            code = exc.code if isinstance(exc, SampleError) else ErrorCode.READ_FAILED
             status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"
             out.append({**base, "clip_index": 0, "clips": 1, "status": status, "reason": code.value,
                         "message": getattr(exc, "message", str(exc)), "frames": b"", "relative": b"",
                         "clip_meta": "{}", "timings": json.dumps({"decode": time.perf_counter() - start})})
             continue
-        relatives = _oracle(row, probe, clips, cfg, s3) if cfg.depth.backend is DepthBackendName.ORACLE else None
+        oracle = cfg.depth.backend is DepthBackendName.ORACLE and not raw
+        relatives = _oracle(row, probe, clips, cfg, s3) if oracle else None
         seconds = (time.perf_counter() - start) / len(clips)
         for index, clip in enumerate(clips):
             relative = relatives[index] if relatives is not None else None
@@ -142,8 +147,8 @@ class DepthActor:
 class PairActor:
     """Disparity -> PBDP pair -> quality verdict -> sample members (or the row's verdict/error)."""
 
-    def __init__(self, cfg, depth_weights: str | None = None):
-        self.cfg, self.depth_weights = cfg, depth_weights
+    def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False):
+        self.cfg, self.depth_weights, self.raw = cfg, depth_weights, raw
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = []
@@ -158,8 +163,12 @@ class PairActor:
             if row["status"] == "pending":
                 meta = json.loads(row["clip_meta"])
                 clip = Clip(unpack(row["frames"]), tuple(meta["indices"]), meta["fps"], tuple(meta["bucket"]))
-                result = process_clip(clip, index, uri, VideoProbe(**meta["probe"]), unpack(row["relative"]),
-                                      self.cfg, self.depth_weights)
+                probe = VideoProbe(**meta["probe"])
+                if self.raw:
+                    result = raw_clip(clip, index, uri, probe, self.cfg)
+                else:
+                    result = process_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
+                                          self.depth_weights)
                 status = "ok" if result.status == "kept" else result.status
                 record.update(status=status, reason=result.reason, message=None, scores=result.scores)
                 members = result.members

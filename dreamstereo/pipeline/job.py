@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from dreamstereo.pipeline.io.manifest import InputConfig, read_inputs, split_sha
 from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
 from dreamstereo.pipeline.io.storage import S3Config, open_storage
 from dreamstereo.stages.depth import DepthBackendName
+from dreamstereo.types import RETRYABLE_CODES
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +46,16 @@ class ResourcesConfig:
     max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
 
 
+class GenerateMode(str, enum.Enum):
+    PAIRS = "pairs"  # PBDP training pairs (Stage 2)
+    RAW = "raw"  # clean clips only, rgb.mp4 + json (Stage 1 draws its own random masks)
+
+
 @dataclasses.dataclass
 class GenerateConfig:
     """``dreamstereo generate``."""
 
+    mode: GenerateMode = GenerateMode.PAIRS
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
     process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
@@ -78,19 +86,20 @@ def build_dataset(items: list[dict], cfg: GenerateConfig):
     import ray
 
     res = cfg.resources
-    check_contract([name for name, _, _ in CONTRACT if name != "depth" or
-                    cfg.process.depth.backend is not DepthBackendName.ORACLE])
+    raw = cfg.mode is GenerateMode.RAW
+    model_depth = not raw and cfg.process.depth.backend is not DepthBackendName.ORACLE
+    check_contract([name for name, _, _ in CONTRACT if name != "depth" or model_depth])
     ds = ray.data.from_items(items)
     ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus,
-                        fn_kwargs={"cfg": cfg.process, "s3": cfg.s3})
-    if cfg.process.depth.backend is not DepthBackendName.ORACLE:
+                        fn_kwargs={"cfg": cfg.process, "s3": cfg.s3, "raw": raw})
+    if model_depth:
         ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
                             num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
                             fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device})
-    depth_weights = None if cfg.process.depth.backend is DepthBackendName.ORACLE else cfg.process.depth.resolved_weights()
+    depth_weights = cfg.process.depth.resolved_weights() if model_depth else None
     ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
-                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights})
+                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw})
     return ds
 
 
@@ -106,8 +115,12 @@ def check_contract(operators: list[str]) -> None:
         available = set(writes) or available
 
 
-def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print) -> dict:
-    """Run (or resume) the job; return the run summary also written into ``output/manifest.json``."""
+def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, retry_failed: bool = False) -> dict:
+    """Run (or resume) the job; return the run summary also written into ``output/manifest.json``.
+
+    ``retry_failed`` also redoes committed shards holding a sample that failed with a retryable code
+    (``types.RETRYABLE_CODES``: unreadable input, depth model failure); their keys do not change.
+    """
     start = time.perf_counter()
     storage = open_storage(output, cfg.s3)
     storage.check()
@@ -115,6 +128,11 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print) -
     shards = split_shards(inputs, cfg.shard_size)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
     done = committed_shards(storage)
+    if retry_failed:
+        for k in sorted(done & set(range(len(shards)))):
+            if _has_retryable_failure(storage, k):
+                storage.delete(shard_name(k, "stats.json"))  # uncommit first: a crash now leaves it pending
+                done.discard(k)
     pending = [k for k in range(len(shards)) if k not in done]
     echo(f"generate: {len(inputs)} input(s) in {len(shards)} shard(s); {len(done)} already committed, "
          f"{len(pending)} to do")
@@ -153,6 +171,16 @@ def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
                     failed.append(shard)
     failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
     return sorted(failed)
+
+
+def _has_retryable_failure(storage, shard: int) -> bool:
+    import io
+
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(shard, "parquet")))).to_pylist()
+    retryable = {code.value for code in RETRYABLE_CODES}
+    return any(r.get("status") == "failed" and r.get("reason") in retryable for r in rows)
 
 
 def _commit(writer: ShardWriter, timings: dict, attempts: int) -> bool:

@@ -92,13 +92,14 @@ def score_quality(frames: np.ndarray, relative_disparity: np.ndarray, mask: np.n
     )
 
 
-def decide(scores: QualityScores, cfg: QualityConfig, *, check_mask: bool = True) -> Verdict:
+def decide(scores: QualityScores, cfg: QualityConfig, *, check_mask: bool = True,
+           check_depth: bool = True) -> Verdict:
     """Keep or reject, with the first failing reason in a fixed order (cheap, structural checks first)."""
     lo, hi = cfg.mask_ratio
     checks = [
         (scores.frames < cfg.min_frames, RejectReason.TOO_SHORT),
         (scores.short_side < cfg.min_short_side, RejectReason.TOO_SMALL),
-        (not scores.disparity_finite or scores.disparity_range < cfg.min_disparity_range,
+        (check_depth and (not scores.disparity_finite or scores.disparity_range < cfg.min_disparity_range),
          RejectReason.DEGENERATE_DEPTH),
         (scores.contrast < cfg.min_contrast or (scores.frames > 1 and scores.motion < cfg.min_motion),
          RejectReason.STATIC),

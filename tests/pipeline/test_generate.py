@@ -135,3 +135,38 @@ def test_unreachable_output_fails_fast(ray_local, corpus, capsys):
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", "s3://b/x", *SMALL,
                           "s3.endpoint_url=http://127.0.0.1:1", "s3.max_attempts=1", "s3.connect_timeout_s=1")
     assert code == 2 and "unreachable" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_raw_mode_writes_clean_clips_only(capsys, ray_local, corpus, tmp_path):
+    out = tmp_path / "raw"
+    code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL, "mode=raw")
+    assert code == 0, captured.err
+    _, samples, rows = _read_all(LocalStorage(out))
+    assert samples and all(sorted(m for m in s if not m.startswith("__")) == ["json", "rgb.mp4"]
+                           for s in samples.values())
+    meta = json.loads(next(iter(samples.values()))["json"])
+    assert "max_disparity" not in meta and meta["bucket"] == [64, 96]
+    assert [(r["status"], r["reason"]) for r in rows if r["source"].endswith("broken.mp4")] == [
+        ("failed", "decode_failed")]
+
+
+def test_retry_failed_redoes_only_shards_with_retryable_failures(capsys, ray_local, corpus, tmp_path):
+    import shutil
+
+    late = tmp_path / "late.mp4"  # listed in the manifest, but not there yet: read_failed (retryable)
+    manifest = tmp_path / "inputs.csv"
+    names = sorted(p.name for p in corpus.glob("scene*.mp4"))[:3]
+    manifest.write_text("video\n" + "".join(f"{corpus / n}\n" for n in names) + f"{late}\n")
+    out = tmp_path / "out"
+    assert _run(capsys, "generate", "--input", str(manifest), "--output", str(out), *SMALL)[0] == 0
+    rows = {r["source"]: r for r in _read_all(LocalStorage(out))[2]}
+    assert (rows[str(late)]["status"], rows[str(late)]["reason"]) == ("failed", "read_failed")
+    shutil.copy(corpus / names[0], late)
+    shutil.copy(corpus / names[0].replace(".mp4", ".disparity.npz"), tmp_path / "late.disparity.npz")
+    code, captured = _run(capsys, "generate", "--input", str(manifest), "--output", str(out), *SMALL, "--retry-failed")
+    assert code == 0 and "1 already committed, 1 to do" in captured.out
+    _, samples, rows2 = _read_all(LocalStorage(out))
+    late_rows = [r for r in rows2 if r["source"] == str(late)]
+    assert late_rows and all(r["status"] == "ok" for r in late_rows)
+    keys = [r["key"] for r in rows2]
+    assert len(keys) == len(set(keys)) and len(samples) == sum(r["status"] == "ok" for r in rows2)
