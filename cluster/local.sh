@@ -16,9 +16,12 @@ export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
 
 up() {
   local workers=${1:-1}
-  if [ -f "$STATE/address" ]; then echo "already up: $(cat "$STATE/address") (run: $0 down)" >&2; exit 1; fi
+  if [ -f "$STATE/address" ] || [ -s "$STATE/pgids" ]; then
+    echo "a cluster (or a failed start) is recorded in $STATE: run $0 down first" >&2; exit 1
+  fi
   mkdir -p "$STATE/tmp"
   : >"$STATE/pgids"
+  trap 'echo "start failed: stopping what was started" >&2; down; exit 1' ERR
   # Each `ray start` runs as the leader of its own session, so every daemon it leaves behind stays in
   # that process group: `down` signals exactly these groups and nothing else on the machine.
   start_node "$STATE/head.log" --head --port="$PORT" --temp-dir="$STATE/tmp" --include-dashboard=false
@@ -26,6 +29,7 @@ up() {
   for i in $(seq 1 "$workers"); do
     start_node "$STATE/worker-$i.log" --address="$address"
   done
+  trap - ERR
   echo "$address" >"$STATE/address"
   echo "$address"
 }

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri
+from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri, uri_exists
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
@@ -105,10 +105,13 @@ def _oracle(row, probe, clips, cfg, s3) -> list:
     """Per clip: the oracle disparity, or the SampleError that stands for it."""
     uri = str(row["uri"])
     stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    sidecar_uri = sibling_uri(uri, f"{stem}.disparity.npz")
     try:
-        sidecar = parse_sidecar(read_uri(sibling_uri(uri, f"{stem}.disparity.npz"), s3))
-    except StorageError as exc:
-        sidecar = SampleError(ErrorCode.DEPTH_MISSING, "depth", f"no disparity sidecar ({exc})")
+        sidecar = parse_sidecar(read_uri(sidecar_uri, s3))
+    except StorageError as exc:  # absent: a data problem; present but unreadable: maybe transient
+        absent = not _exists_or_unknown(sidecar_uri, s3)
+        code = ErrorCode.DEPTH_MISSING if absent else ErrorCode.READ_FAILED
+        sidecar = SampleError(code, "depth", f"disparity sidecar {sidecar_uri!r}: {exc}")
     except SampleError as exc:
         sidecar = exc
     if isinstance(sidecar, SampleError):
@@ -120,6 +123,13 @@ def _oracle(row, probe, clips, cfg, s3) -> list:
         except SampleError as exc:
             out.append(exc)
     return out
+
+
+def _exists_or_unknown(uri: str, s3) -> bool:
+    try:
+        return uri_exists(uri, s3)
+    except StorageError:
+        return True  # cannot even tell: treat as a transient read failure
 
 
 class DepthActor:

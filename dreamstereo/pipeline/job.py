@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,9 @@ logger = logging.getLogger(__name__)
 class ResourcesConfig:
     """Placement and parallelism per operator (cluster shape only; behaviour lives in the stage configs)."""
 
-    decode_num_cpus: float = 0.5  # CPUs per decode task (fractional: 2-CPU machines must not deadlock)
+    # CPUs per decode task: fractional (2-CPU machines must not deadlock) and different from the actors'
+    # request, or Ray Data fuses decode into the next actor and decode no longer scales on its own.
+    decode_num_cpus: float = 0.25
     depth_actors: int = 1  # depth model replicas (one model load each)
     depth_num_gpus: float = 0.0  # GPUs per depth actor (1 on a GPU cluster)
     depth_num_cpus: float = 0.5
@@ -64,6 +67,9 @@ class GenerateConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
 
     def __post_init__(self):
+        if self.resources.decode_num_cpus in (self.resources.depth_num_cpus, self.resources.pair_num_cpus):
+            logger.warning("resources.decode_num_cpus equals an actor's num_cpus: Ray Data will fuse decode into "
+                           "that actor (decode then runs inside it)")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
 
@@ -126,8 +132,9 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     storage.check()
     inputs = read_inputs(source, cfg.input, cfg.s3)
     shards = split_shards(inputs, cfg.shard_size)
+    _claim_output(storage, inputs, cfg)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
-    done = committed_shards(storage)
+    done = committed_shards(storage) & set(range(len(shards)))
     if retry_failed:
         for k in sorted(done & set(range(len(shards)))):
             if _has_retryable_failure(storage, k):
@@ -146,29 +153,63 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     return summary
 
 
+FINGERPRINT = "_inputs.json"  # what the shards of this output were cut from
+
+
+def input_fingerprint(inputs, cfg: GenerateConfig) -> str:
+    """Hash of everything that decides which samples a shard id holds: the ordered input URIs, the
+    shard size, the mode and the stage settings (not resources, storage or the Ray address)."""
+    payload = json.dumps({"uris": [v.uri for v in inputs], "shard_size": cfg.shard_size,
+                          "mode": cfg.mode.value, "process": config_hash(cfg.process)})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _claim_output(storage, inputs, cfg: GenerateConfig) -> None:
+    """Record the fingerprint on a fresh output; refuse to resume an output made from other inputs,
+    another shard size or other stage settings (shard ids would then mean other inputs: lost and
+    duplicated samples)."""
+    fingerprint = input_fingerprint(inputs, cfg)
+    if storage.exists(FINGERPRINT):
+        recorded = json.loads(storage.read_bytes(FINGERPRINT))
+        if recorded.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"output {storage.uri!r} holds shards cut from another input list, shard size or stage settings "
+                f"({recorded.get('inputs')} inputs, shard_size {recorded.get('shard_size')}); resume with the same "
+                f"command, or write to a new output")
+        return
+    storage.write_bytes(FINGERPRINT, json.dumps({"fingerprint": fingerprint, "inputs": len(inputs),
+                                                 "shard_size": cfg.shard_size, "mode": cfg.mode.value}).encode())
+
+
 def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
     """Route finished clips to their shard; commit each shard when all of its inputs are accounted for."""
-    writers = {k: ShardWriter(storage, k, config_hash=config_hash(cfg)) for k in pending}
-    expected = {k: len(shards[k]) for k in pending}  # inputs per shard
-    clips_seen: dict[tuple[int, int], int] = collections.Counter()
-    inputs_done = collections.Counter()
-    timings = {k: collections.Counter() for k in pending}
+    # Per-shard state lives only while a shard is open: a writer (and its temp folder) is made when the
+    # shard's first clip arrives and dropped when it commits, so the driver does not grow with the corpus.
+    writers: dict[int, ShardWriter] = {}
+    clips_seen: dict[int, collections.Counter] = {}  # shard -> input index -> clips arrived
+    inputs_done: dict[int, int] = {}
+    timings: dict[int, collections.Counter] = {}
     failed = []
+    config = config_hash(cfg)
     for row in ds.iter_rows():
         shard, index = int(row["shard"]), int(row["input_index"])
-        record = json.loads(row["record"])
+        if shard not in writers:
+            writers[shard] = ShardWriter(storage, shard, config_hash=config)
+            clips_seen[shard], inputs_done[shard], timings[shard] = collections.Counter(), 0, collections.Counter()
         members = pickle.loads(row["members"]) if row["members"] else None
-        writers[shard].add(record, members)
+        writers[shard].add(json.loads(row["record"]), members)
         timings[shard].update(json.loads(row["timings"]))
-        clips_seen[(shard, index)] += 1
-        if clips_seen[(shard, index)] == int(row["clips"]):
+        clips_seen[shard][index] += 1
+        if clips_seen[shard][index] == int(row["clips"]):
             inputs_done[shard] += 1
-            if inputs_done[shard] == expected[shard]:
-                if _commit(writers.pop(shard), dict(timings[shard]), cfg.resources.max_shard_retries):
-                    already += 1
-                    echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done)")
-                else:
-                    failed.append(shard)
+        if inputs_done[shard] == len(shards[shard]):
+            writer, shard_timings = writers.pop(shard), dict(timings.pop(shard))
+            del clips_seen[shard], inputs_done[shard]
+            if _commit(writer, shard_timings, cfg.resources.max_shard_retries):
+                already += 1
+                echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done)")
+            else:
+                failed.append(shard)
     failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
     return sorted(failed)
 
@@ -197,7 +238,7 @@ def _commit(writer: ShardWriter, timings: dict, attempts: int) -> bool:
 def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:
     """``manifest.json``: committed shards (path, samples, bytes, sha256) and the run summary."""
     entries, totals, reasons = [], collections.Counter(), collections.Counter()
-    for k in sorted(committed_shards(storage)):
+    for k in sorted(committed_shards(storage) & set(range(len(shards)))):
         stats = json.loads(storage.read_bytes(shard_name(k, "stats.json")))
         entries.append({"shard": k, "path": shard_name(k, "tar"), "num_samples": stats["samples"],
                         "bytes": stats["tar_bytes"], "sha256": stats["tar_sha256"]})

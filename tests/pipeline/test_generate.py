@@ -170,3 +170,13 @@ def test_retry_failed_redoes_only_shards_with_retryable_failures(capsys, ray_loc
     assert late_rows and all(r["status"] == "ok" for r in late_rows)
     keys = [r["key"] for r in rows2]
     assert len(keys) == len(set(keys)) and len(samples) == sum(r["status"] == "ok" for r in rows2)
+
+
+def test_resuming_with_other_inputs_or_shard_size_is_refused(capsys, ray_local, corpus, tmp_path):
+    out = tmp_path / "out"
+    assert _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL)[0] == 0
+    code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL[:-1],
+                          "shard_size=3")
+    assert code == 2 and "another input list, shard size or stage settings" in captured.err
+    code, captured = _run(capsys, "generate", "--input", str(corpus / "scene*.mp4"), "--output", str(out), *SMALL)
+    assert code == 2 and "new output" in captured.err

@@ -91,3 +91,9 @@ def test_operator_contract_is_a_chain():
     with pytest.raises(RuntimeError, match="pair reads"):
         check_contract(["pair", "driver"])
     assert set(actors.DRIVER_COLUMNS) <= set(actors.PAIR_COLUMNS)
+
+
+def test_duplicate_uris_are_dropped(tmp_path):
+    (tmp_path / "m.csv").write_text("video\na.mp4\nb.mp4\na.mp4\n")
+    videos = read_inputs(str(tmp_path / "m.csv"), InputConfig(base_uri="s3://x/v"))
+    assert [v.uri for v in videos] == ["s3://x/v/a.mp4", "s3://x/v/b.mp4"]

@@ -84,3 +84,14 @@ def test_webdataset_reads_s3_through_boto3(s3_bucket, s3_env, tmp_path):
     register_webdataset_s3(cfg)
     keys = [s["__key__"] for s in wds.WebDataset(f"s3://{s3_bucket}/shards/s.tar", shardshuffle=False)]
     assert keys == ["sample0", "sample1", "sample2"]
+
+
+def test_s3_settings_are_checked_when_loaded():
+    with pytest.raises(ValueError, match="multipart_threshold_mb must be >= 5"):
+        S3Config(multipart_threshold_mb=1)
+
+
+def test_upload_to_a_missing_bucket_is_a_storage_error(s3_env, tmp_path):
+    (tmp_path / "f").write_bytes(b"x")
+    with pytest.raises(StorageError, match="upload_file failed"):
+        S3Storage("s3://no-such-bucket-2/p", S3Config(endpoint_url=s3_env)).upload_file("k", tmp_path / "f")

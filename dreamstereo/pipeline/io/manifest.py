@@ -76,6 +76,11 @@ def read_inputs(source: str, cfg: InputConfig, s3: S3Config | None = None) -> li
         raise StorageError(f"no input videos found in {source!r}")
     # Local paths become absolute: sample keys hash the URI, so they must not depend on the cwd.
     videos = [v if "://" in v.uri else InputVideo(str(Path(v.uri).resolve()), v.row) for v in videos]
+    seen: set[str] = set()
+    unique = [v for v in videos if not (v.uri in seen or seen.add(v.uri))]  # first occurrence wins
+    if len(unique) < len(videos):  # the same video twice would give the same keys twice
+        logger.warning("inputs: %d duplicate URI(s) in %s dropped", len(videos) - len(unique), source)
+        videos = unique
     return videos[: cfg.limit] if cfg.limit is not None else videos
 
 

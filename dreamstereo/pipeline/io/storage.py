@@ -11,6 +11,7 @@ retry mode.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -34,7 +35,14 @@ class S3Config:
     max_attempts: int = 8  # botocore standard retry mode (5xx, throttling, connection errors)
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
-    multipart_threshold_mb: int = 64  # uploads larger than this go in parts of this size
+    multipart_threshold_mb: int = 64  # uploads larger than this go in parts of this size (S3 minimum: 5)
+
+    def __post_init__(self):
+        if self.multipart_threshold_mb < 5:
+            raise ValueError(f"s3.multipart_threshold_mb must be >= 5 (S3's smallest part), got "
+                             f"{self.multipart_threshold_mb}")
+        if self.max_attempts < 1:
+            raise ValueError(f"s3.max_attempts must be >= 1, got {self.max_attempts}")
 
 
 class LocalStorage:
@@ -183,17 +191,26 @@ class S3Storage:
         self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
 
     def _call(self, method: str, key: str, **kwargs):
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return getattr(self.client, method)(**kwargs)
-        except (ClientError, BotoCoreError) as exc:
+        except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
             raise StorageError(f"{self.uri}/{key}: {method} failed ({self._describe(exc)})") from None
 
 
 def make_s3_client(cfg: S3Config):
-    """A boto3 S3 client from the standard chain plus ``cfg`` (endpoint, region, profile, retries)."""
+    """A boto3 S3 client from the standard chain plus ``cfg`` (endpoint, region, profile, retries); one per
+    process and setting (clients are thread-safe, and new sessions would fetch credentials again)."""
+    return _cached_client(tuple(sorted(dataclasses.asdict(cfg).items())))
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_client(settings: tuple):
     import boto3
+
+    cfg = S3Config(**dict(settings))
     from botocore.config import Config
 
     session = boto3.session.Session(profile_name=cfg.profile) if cfg.profile else boto3.session.Session()
@@ -237,6 +254,14 @@ def read_uri(uri: str, s3: S3Config | None = None) -> bytes:
         return Path(uri).read_bytes()
     except OSError as exc:
         raise StorageError(f"{uri!r}: cannot read ({exc.strerror or exc})") from None
+
+
+def uri_exists(uri: str, s3: S3Config | None = None) -> bool:
+    """Whether a local path or ``s3://bucket/key`` object exists (StorageError if that cannot be told)."""
+    if uri.startswith("s3://"):
+        bucket, _, key = uri[len("s3://"):].partition("/")
+        return S3Storage(f"s3://{bucket}", s3).exists(key)
+    return Path(uri).is_file()
 
 
 def sibling_uri(uri: str, name: str) -> str:
