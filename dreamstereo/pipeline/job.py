@@ -191,7 +191,9 @@ def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
     timings: dict[int, collections.Counter] = {}
     failed = []
     config = config_hash(cfg)
+    start, clips_total, todo = time.monotonic(), 0, len(pending)
     for row in ds.iter_rows():
+        clips_total += 1
         shard, index = int(row["shard"]), int(row["input_index"])
         if shard not in writers:
             writers[shard] = ShardWriter(storage, shard, config_hash=config)
@@ -207,7 +209,13 @@ def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
             del clips_seen[shard], inputs_done[shard]
             if _commit(writer, shard_timings, cfg.resources.max_shard_retries):
                 already += 1
-                echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done)")
+                todo -= 1
+                elapsed = time.monotonic() - start
+                rate = clips_total / elapsed if elapsed > 0 else 0.0
+                committed_now = len(pending) - todo
+                eta = elapsed / committed_now * todo if committed_now else 0.0
+                echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done; {clips_total} clips, "
+                     f"{rate:.2f} clips/s; ETA {eta:.0f} s)")
             else:
                 failed.append(shard)
     failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
@@ -237,7 +245,7 @@ def _commit(writer: ShardWriter, timings: dict, attempts: int) -> bool:
 
 def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:
     """``manifest.json``: committed shards (path, samples, bytes, sha256) and the run summary."""
-    entries, totals, reasons = [], collections.Counter(), collections.Counter()
+    entries, totals, reasons, stage_seconds = [], collections.Counter(), collections.Counter(), collections.Counter()
     for k in sorted(committed_shards(storage) & set(range(len(shards)))):
         stats = json.loads(storage.read_bytes(shard_name(k, "stats.json")))
         entries.append({"shard": k, "path": shard_name(k, "tar"), "num_samples": stats["samples"],
@@ -245,11 +253,15 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         for key in ("count", "samples", "ok", "rejected", "failed"):
             totals[key] += stats[key]
         reasons.update(stats["reasons"])
+        stage_seconds.update(stats.get("seconds_per_stage", {}))
     summary = {
         "version": __version__, "config_hash": config_hash(cfg), "inputs": sum(len(s) for s in shards),
         "shards": len(shards), "committed_shards": len(entries), "failed_shards": failed_shards,
         "clips": totals["count"], "samples": totals["samples"], "rejected": totals["rejected"],
         "failed": totals["failed"], "reasons": dict(sorted(reasons.items())), "wall_seconds": round(seconds, 2),
+        # Worker seconds per stage summed over every clip, and the clips/s one worker sustains in it.
+        "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
+        "stage_clips_per_s": {k: round(totals["count"] / v, 2) for k, v in sorted(stage_seconds.items()) if v > 0},
     }
     storage.write_bytes("manifest.json", json.dumps({"summary": summary, "shards": entries}, indent=2).encode())
     return summary
@@ -260,6 +272,8 @@ def format_summary(summary: dict) -> str:
              f"clips {summary['clips']}: {summary['samples']} samples, {summary['rejected']} rejected, "
              f"{summary['failed']} failed, {summary['wall_seconds']} s"]
     lines += [f"  {reason}: {count}" for reason, count in summary["reasons"].items()]
+    lines += [f"  stage {stage}: {summary['stage_seconds'][stage]:.1f} worker-s, {rate} clips/s per worker"
+              for stage, rate in summary.get("stage_clips_per_s", {}).items()]
     if summary["failed_shards"]:
         lines.append(f"  shards that did not commit (rerun to retry): {summary['failed_shards']}")
     return "\n".join(lines)

@@ -77,6 +77,7 @@ def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_local, corpu
     manifest, samples, rows = _read_all(storage)
     summary = manifest["summary"]
     assert summary["inputs"] == 6 and summary["committed_shards"] == 3 and not summary["failed_shards"]
+    assert set(summary["stage_clips_per_s"]) == {"decode", "pair"} and "clips/s; ETA" in captured.out
     assert {r["source"] for r in rows} == {str(p) for p in corpus.glob("*.mp4")}  # every input has a row
     assert sum(r["status"] == "ok" for r in rows) == len(samples) == summary["samples"] > 0
     broken = [r for r in rows if r["source"].endswith("broken.mp4")]
