@@ -53,6 +53,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a small text file (config, manifest) all-or-nothing."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
 # ----------------------------------------------------------------------------- images
 
 

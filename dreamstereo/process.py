@@ -20,7 +20,7 @@ from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
 from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
 from dreamstereo.stages.pairs import make_pair
 from dreamstereo.stages.quality import decide, score_quality
@@ -155,17 +155,8 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
             try:
                 sidecar = read_sidecar(video)
             except SampleError as exc:
-                sidecar, missing = None, exc
-            relatives = []
-            for clip in clips:
-                if sidecar is None:
-                    relatives.append(missing)
-                    continue
-                try:
-                    relatives.append(oracle_disparity(sidecar, clip.indices, probe.frames,
-                                                      (probe.height, probe.width), clip.bucket))
-                except SampleError as exc:
-                    relatives.append(exc)
+                sidecar = exc
+            relatives = oracle_for_clips(sidecar, clips, probe.frames, (probe.height, probe.width))
         else:
             backend = load_backend(cfg.depth, cfg.device)
             depth_weights = backend.weights
@@ -200,11 +191,6 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
         "clips": [r.record() for r in results],
         "kept": sum(r.status == "kept" for r in results), "seconds": round(time.perf_counter() - start, 3),
     }
-    _write_text(out_dir / "config.yaml", to_yaml(cfg))
-    _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    media.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    media.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return manifest
-
-
-def _write_text(path: Path, text: str) -> None:
-    with media.atomic_path(path) as tmp:
-        tmp.write_text(text)

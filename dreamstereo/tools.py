@@ -119,8 +119,8 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
         "config_hash": config_hash(cfg),
         "outputs": outputs,
     }
-    _write_text(out_dir / "config.yaml", to_yaml(cfg))
-    _write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    media.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    media.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     logger.info("pbdp: %d frame(s) %dx%d -> %s (mask1 %.1f%%)", manifest["frames"], manifest["width"],
                 manifest["height"], out_dir, 100 * manifest["mask1_ratio"])
     return manifest
@@ -195,11 +195,6 @@ def pbdp_preview(frame: np.ndarray, disparity: np.ndarray, result: DoubleProject
     ])
 
 
-def _write_text(path: Path, text: str) -> None:
-    with media.atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
 def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
     """The whole data side on built-in data, in ``out_dir``:
 
@@ -245,8 +240,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
             ("round trip V1'", first.warped[0]), ("mask M1", preview.overlay_mask(first.clean[0], first.mask[0]))]))
     result = {"command": "demo", "version": __version__, "config_hash": config_hash(cfg),
               "direction": direction.value, "mask1_iou_vs_analytic": iou, "pbdp": manifest, "generate": summary}
-    _write_text(out_dir / "config.yaml", to_yaml(cfg))
-    _write_text(out_dir / "manifest.json", json.dumps(result, indent=2))
+    media.write_text(out_dir / "config.yaml", to_yaml(cfg))
+    media.write_text(out_dir / "manifest.json", json.dumps(result, indent=2))
     return result
 
 

@@ -22,7 +22,7 @@ from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri,
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_disparity, parse_sidecar
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
 from dreamstereo.types import ErrorCode, SampleError
 
 # Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
@@ -114,15 +114,7 @@ def _oracle(row, probe, clips, cfg, s3) -> list:
         sidecar = SampleError(code, "depth", f"disparity sidecar {sidecar_uri!r}: {exc}")
     except SampleError as exc:
         sidecar = exc
-    if isinstance(sidecar, SampleError):
-        return [sidecar] * len(clips)
-    out = []
-    for clip in clips:
-        try:
-            out.append(oracle_disparity(sidecar, clip.indices, probe.frames, (probe.height, probe.width), clip.bucket))
-        except SampleError as exc:
-            out.append(exc)
-    return out
+    return oracle_for_clips(sidecar, clips, probe.frames, (probe.height, probe.width))
 
 
 def _exists_or_unknown(uri: str, s3) -> bool:

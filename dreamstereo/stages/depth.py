@@ -144,6 +144,20 @@ def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frame
     return resize_maps(picked, bucket)
 
 
+def oracle_for_clips(sidecar, clips, source_frames: int, source_size: tuple[int, int]) -> list:
+    """:func:`oracle_disparity` for every clip of a video: per clip the disparity, or the SampleError
+    that stands for it (``sidecar`` itself may be a SampleError: then every clip gets it)."""
+    if isinstance(sidecar, SampleError):
+        return [sidecar] * len(clips)
+    out = []
+    for clip in clips:
+        try:
+            out.append(oracle_disparity(sidecar, clip.indices, source_frames, source_size, clip.bucket))
+        except SampleError as exc:
+            out.append(exc)
+    return out
+
+
 def align_scale_shift(disparity: np.ndarray, samples: int = 20000) -> np.ndarray:
     """Put every frame of a per-frame relative prediction on one common scale and shift.
 
