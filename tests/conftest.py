@@ -83,3 +83,39 @@ def s3_bucket(s3_env):
     name = f"bucket-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=s3_env).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def s3_auth(s3_server, monkeypatch):
+    """The test server with authentication on: an IAM user with an S3 policy and its key in the
+    environment, a bucket; returns (bucket, key id, secret). Authentication is switched off afterwards."""
+    import json
+    import urllib.request
+    import uuid
+
+    import boto3
+
+    def enforce_after(count: str) -> None:  # moto's switch: requests beyond `count` must be signed by IAM users
+        urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset-auth", data=count.encode(),
+                                                      headers={"Content-Type": "text/plain"}, method="POST"),
+                               timeout=10).read()
+
+    setup = dict(endpoint_url=s3_server, region_name="us-east-1", aws_access_key_id="setup",
+                 aws_secret_access_key="setup")
+    iam = boto3.client("iam", **setup)
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    bucket = f"auth-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", **setup).create_bucket(Bucket=bucket)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    enforce_after("0")
+    try:
+        yield bucket, key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        enforce_after("inf")

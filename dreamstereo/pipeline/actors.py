@@ -2,7 +2,8 @@
 
 One row per clip flows through ``decode_batch`` (CPU: read the input, decode clips, oracle disparity) ->
 ``DepthActor`` (loads a depth model once per actor; GPU in production) -> ``PairActor`` (disparity,
-PBDP pair, quality verdict, sample members). An input that yields no clip is one row with its
+PBDP pair, quality verdict, sample members) -> ``write_batch`` (stages the members in the output's
+storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
 ``reason``); anything else raises, and Ray retries the task.
 
@@ -13,12 +14,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
 import pickle
+import socket
 import time
 
 import numpy as np
 
-from dreamstereo.pipeline.io.storage import StorageError, read_uri, sibling_uri, uri_exists
+from dreamstereo.pipeline.io.shards import stage_sample
+from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, sibling_uri, uri_exists
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
@@ -30,15 +35,19 @@ INPUT_COLUMNS = ("shard", "input_index", "uri")
 DECODE_COLUMNS = INPUT_COLUMNS + ("clip_index", "clips", "status", "reason", "message", "frames", "relative",
                                   "clip_meta", "timings")
 PAIR_COLUMNS = ("shard", "input_index", "uri", "clip_index", "clips", "record", "members", "timings")
-DRIVER_COLUMNS = ("shard", "input_index", "clips", "record", "members", "timings")  # read by the shard router
+WRITE_COLUMNS = ("shard", "input_index", "clips", "record", "timings")
+DRIVER_COLUMNS = WRITE_COLUMNS  # read by the shard router
 
 # (operator, columns it reads, columns it writes), in graph order; pipeline/job.py checks the chain.
 CONTRACT = (
     ("decode", INPUT_COLUMNS, DECODE_COLUMNS),
     ("depth", ("status", "frames", "timings"), DECODE_COLUMNS),
     ("pair", DECODE_COLUMNS, PAIR_COLUMNS),
+    ("write", PAIR_COLUMNS, WRITE_COLUMNS),
     ("driver", DRIVER_COLUMNS, ()),
 )
+
+logger = logging.getLogger(__name__)
 
 
 def pack(array: np.ndarray | None) -> bytes:
@@ -124,13 +133,31 @@ def _exists_or_unknown(uri: str, s3) -> bool:
         return True  # cannot even tell: treat as a transient read failure
 
 
-class DepthActor:
+class Recycled:
+    """An actor that replaces its process after ``recycle_after`` batches (0: never), so memory that a
+    model or a decoder library leaks over time is returned. The process exits when the next batch
+    arrives; Ray Data's actor pools restart actors that die (``max_restarts=-1``) and retry their
+    tasks (``max_task_retries=-1``), so that batch runs again on the fresh actor: nothing is lost."""
+
+    recycle_after = 0
+    _batches = 0
+
+    def _count_batch(self) -> None:
+        self._batches += 1
+        if self.recycle_after and self._batches > self.recycle_after:
+            logger.info("%s: recycling the actor process after %d batches", type(self).__name__, self.recycle_after)
+            os._exit(0)  # an exit Ray sees as a crash: the actor restarts (exit_actor() would end it for good)
+
+
+class DepthActor(Recycled):
     """Loads the depth model once per actor (on ``device``), then fills ``relative`` for pending rows."""
 
-    def __init__(self, cfg, device: str = "cpu"):
+    def __init__(self, cfg, device: str = "cpu", recycle_after: int = 0):
         self.backend = load_backend(cfg.depth, device)
+        self.recycle_after = recycle_after
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._count_batch()
         rows = _rows(batch)
         for row in rows:
             if row["status"] != "pending":
@@ -146,13 +173,15 @@ class DepthActor:
         return _rows_to_batch(rows, DECODE_COLUMNS)
 
 
-class PairActor:
+class PairActor(Recycled):
     """Disparity -> PBDP pair -> quality verdict -> sample members (or the row's verdict/error)."""
 
-    def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False):
+    def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False, recycle_after: int = 0):
         self.cfg, self.depth_weights, self.raw = cfg, depth_weights, raw
+        self.recycle_after = recycle_after
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._count_batch()
         out = []
         for row in _rows(batch):
             start = time.perf_counter()
@@ -160,7 +189,7 @@ class PairActor:
             timings = json.loads(row["timings"])
             record = {"key": make_key(uri, index), "source": uri, "input_index": int(row["input_index"]),
                       "clip_index": index, "status": row["status"], "reason": row["reason"],
-                      "message": row["message"], "scores": {}}
+                      "message": row["message"], "frames": 0, "worker": f"{socket.gethostname()}:{os.getpid()}", "scores": {}}
             members = None
             if row["status"] == "pending":
                 meta = json.loads(row["clip_meta"])
@@ -172,7 +201,8 @@ class PairActor:
                     result = process_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
                                           self.depth_weights)
                 status = "ok" if result.status == "kept" else result.status
-                record.update(status=status, reason=result.reason, message=None, scores=result.scores)
+                record.update(status=status, reason=result.reason, message=None, scores=result.scores,
+                              frames=len(clip.indices))
                 members = result.members
                 timings["pair"] = time.perf_counter() - start
             out.append({"shard": row["shard"], "input_index": row["input_index"], "uri": uri, "clip_index": index,
@@ -180,3 +210,18 @@ class PairActor:
                         "members": pickle.dumps(members) if members is not None else b"",
                         "timings": json.dumps(timings)})
         return _rows_to_batch(out, PAIR_COLUMNS)
+
+
+def write_batch(batch: dict[str, np.ndarray], *, output: str, s3=None) -> dict[str, np.ndarray]:
+    """Stage each kept sample's members in the output storage; pass on the record naming the staged part."""
+    storage = open_storage(output, s3)  # one cached boto3 client per process (storage.py)
+    out = []
+    for row in _rows(batch):
+        start = time.perf_counter()
+        record, timings = json.loads(row["record"]), json.loads(row["timings"])
+        if row["members"]:
+            record["part"] = stage_sample(storage, int(row["shard"]), record["key"], pickle.loads(row["members"]))
+            timings["write"] = time.perf_counter() - start
+        out.append({"shard": row["shard"], "input_index": row["input_index"], "clips": row["clips"],
+                    "record": json.dumps(record), "timings": json.dumps(timings)})
+    return _rows_to_batch(out, WRITE_COLUMNS)

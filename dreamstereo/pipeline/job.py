@@ -2,9 +2,9 @@
 
 Order of work: check the output (fail fast) -> read the input list -> split it into shards -> skip the
 shards already committed (their stats file exists) -> stream the pending inputs through the Ray Data
-graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool) -> the driver routes finished clips to
-their shard and commits a shard (tar, parquet, stats last) as soon as all its inputs are accounted
-for -> ``manifest.json`` lists the committed shards and the run summary. Rerunning the same command
+graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool -> ``write`` tasks staging each kept
+sample in the output) -> the driver routes the records (no sample bytes) to their shard and starts a
+commit task (tar, parquet, stats last) as soon as all its inputs are accounted for -> ``manifest.json`` lists the committed shards and the run summary. Rerunning the same command
 skips committed shards and redoes partial ones, so nothing is duplicated and nothing is lost.
 """
 
@@ -17,14 +17,13 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 import time
 
 from dreamstereo import __version__
 from dreamstereo.config import ProcessConfig, config_hash, to_yaml
-from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, decode_batch
-from dreamstereo.pipeline.io.manifest import InputConfig, read_inputs, split_shards
-from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
+from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, decode_batch, write_batch
+from dreamstereo.pipeline.io.manifest import InputConfig, check_input_access, read_inputs, split_shards
+from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed_shards, shard_name
 from dreamstereo.pipeline.io.storage import S3Config, open_storage
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES
@@ -45,7 +44,9 @@ class ResourcesConfig:
     depth_device: str = "cpu"  # cuda when depth_num_gpus > 0
     pair_actors: int = 1  # PBDP / filter / encode replicas
     pair_num_cpus: float = 0.5
+    write_num_cpus: float = 0.1  # staging samples and committing shards (I/O bound)
     batch_size: int = 1  # clips per batch through each operator
+    recycle_after: int = 0  # batches before a depth/pair actor replaces its process (0: never)
     max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
 
 
@@ -65,6 +66,7 @@ class GenerateConfig:
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     shard_size: int = 16  # inputs per shard
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
+    progress_every_s: float = 30.0  # a progress line at least this often (0: only when a shard commits)
 
     def __post_init__(self):
         if self.resources.decode_num_cpus in (self.resources.depth_num_cpus, self.resources.pair_num_cpus):
@@ -87,8 +89,9 @@ def _init_ray(address: str | None):
     return ray
 
 
-def build_dataset(items: list[dict], cfg: GenerateConfig):
-    """The Ray Data graph over ``items`` (one per input: shard, input_index, uri)."""
+def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
+    """The Ray Data graph over ``items`` (one per input: shard, input_index, uri); kept samples are
+    staged in ``output``'s storage by the last operator."""
     import ray
 
     res = cfg.resources
@@ -101,12 +104,15 @@ def build_dataset(items: list[dict], cfg: GenerateConfig):
     if model_depth:
         ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
                             num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
-                            fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device})
+                            fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device,
+                                                   "recycle_after": res.recycle_after})
     depth_weights = cfg.process.depth.resolved_weights() if model_depth else None
     ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
-                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw})
-    return ds
+                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
+                                               "recycle_after": res.recycle_after})
+    return ds.map_batches(write_batch, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
+                          fn_kwargs={"output": output, "s3": cfg.s3})
 
 
 def check_contract(operators: list[str]) -> None:
@@ -128,9 +134,12 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     (``types.RETRYABLE_CODES``: unreadable input, depth model failure); their keys do not change.
     """
     start = time.perf_counter()
+    if "://" not in output:  # workers open it too: not relative to their working directory
+        output = os.path.abspath(output)
     storage = open_storage(output, cfg.s3)
     storage.check()
     inputs = read_inputs(source, cfg.input, cfg.s3)
+    check_input_access(inputs, cfg.s3)
     shards = split_shards(inputs, cfg.shard_size)
     _claim_output(storage, inputs, cfg)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
@@ -145,9 +154,13 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
          f"{len(pending)} to do")
     failed_shards: list[int] = []
     if pending:
-        _init_ray(cfg.ray_address)
+        ray = _init_ray(cfg.ray_address)
+        if "://" not in output and sum(n["Alive"] for n in ray.nodes()) > 1:
+            logger.warning("output %r is a local path on a %d-node cluster: every node must see it at the same "
+                           "path (a shared filesystem), or use s3://", output, sum(n["Alive"] for n in ray.nodes()))
         items = [{"shard": k, "input_index": i, "uri": v.uri} for k in pending for i, v in enumerate(shards[k])]
-        failed_shards = _stream(build_dataset(items, cfg), shards, pending, storage, cfg, echo, len(done))
+        failed_shards = _stream(build_dataset(items, cfg, output), shards, pending, output, cfg, echo, len(done))
+    _clear_staging(storage, committed_shards(storage))
     summary = write_manifest(storage, shards, cfg, time.perf_counter() - start, failed_shards)
     echo(format_summary(summary))
     return summary
@@ -181,45 +194,113 @@ def _claim_output(storage, inputs, cfg: GenerateConfig) -> None:
                                                  "shard_size": cfg.shard_size, "mode": cfg.mode.value}).encode())
 
 
-def _stream(ds, shards, pending, storage, cfg, echo, already: int) -> list[int]:
-    """Route finished clips to their shard; commit each shard when all of its inputs are accounted for."""
-    # Per-shard state lives only while a shard is open: a writer (and its temp folder) is made when the
-    # shard's first clip arrives and dropped when it commits, so the driver does not grow with the corpus.
-    writers: dict[int, ShardWriter] = {}
+def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
+    """Route finished records to their shard; when all inputs of a shard are accounted for, hand the
+    shard to a commit task (sample bytes stay in the workers and the output storage)."""
+    import ray
+
+    # Per-shard state lives only while a shard is open, so the driver does not grow with the corpus.
+    records: dict[int, list[dict]] = {}
     clips_seen: dict[int, collections.Counter] = {}  # shard -> input index -> clips arrived
     inputs_done: dict[int, int] = {}
     timings: dict[int, collections.Counter] = {}
+    commits: dict = {}  # in-flight commit task -> shard
     failed = []
     config = config_hash(cfg)
-    start, clips_total, todo = time.monotonic(), 0, len(pending)
+    commit_task = ray.remote(commit_shard).options(num_cpus=cfg.resources.write_num_cpus, max_retries=3)
+    progress = _Progress(echo, len(shards), already, len(pending), cfg.progress_every_s)
+
+    def collect(timeout: float) -> None:
+        done, _ = ray.wait(list(commits), num_returns=len(commits), timeout=timeout) if commits else ([], [])
+        for ref in done:
+            shard = commits.pop(ref)
+            try:
+                ray.get(ref)
+                progress.committed(shard, len(commits))
+            except Exception as exc:  # storage kept failing: the shard stays pending for a rerun
+                logger.error("shard %06d did not commit: %s", shard, exc)
+                failed.append(shard)
+
     for row in ds.iter_rows():
-        clips_total += 1
         shard, index = int(row["shard"]), int(row["input_index"])
-        if shard not in writers:
-            writers[shard] = ShardWriter(storage, shard, config_hash=config)
-            clips_seen[shard], inputs_done[shard], timings[shard] = collections.Counter(), 0, collections.Counter()
-        members = pickle.loads(row["members"]) if row["members"] else None
-        writers[shard].add(json.loads(row["record"]), members)
-        timings[shard].update(json.loads(row["timings"]))
+        if shard not in records:
+            records[shard], clips_seen[shard], inputs_done[shard] = [], collections.Counter(), 0
+            timings[shard] = collections.Counter()
+        record, clip_timings = json.loads(row["record"]), json.loads(row["timings"])
+        records[shard].append(record)
+        timings[shard].update(clip_timings)
+        progress.clip(record.get("frames", 0), clip_timings, len(records))
         clips_seen[shard][index] += 1
         if clips_seen[shard][index] == int(row["clips"]):
             inputs_done[shard] += 1
         if inputs_done[shard] == len(shards[shard]):
-            writer, shard_timings = writers.pop(shard), dict(timings.pop(shard))
+            ref = commit_task.remote(output, cfg.s3, shard, records.pop(shard), dict(timings.pop(shard)), config,
+                                     cfg.resources.max_shard_retries)
+            commits[ref] = shard
             del clips_seen[shard], inputs_done[shard]
-            if _commit(writer, shard_timings, cfg.resources.max_shard_retries):
-                already += 1
-                todo -= 1
-                elapsed = time.monotonic() - start
-                rate = clips_total / elapsed if elapsed > 0 else 0.0
-                committed_now = len(pending) - todo
-                eta = elapsed / committed_now * todo if committed_now else 0.0
-                echo(f"  shard {shard:06d} committed ({already}/{len(shards)} shards done; {clips_total} clips, "
-                     f"{rate:.2f} clips/s; ETA {eta:.0f} s)")
-            else:
-                failed.append(shard)
-    failed.extend(writers)  # shards that never completed (should not happen: every input yields a row)
+        collect(timeout=0)
+    collect(timeout=None)
+    failed.extend(records)  # shards that never completed (should not happen: every input yields a row)
     return sorted(failed)
+
+
+class _Progress:
+    """One line per committed shard (shards done, clips and frames per second so far, ETA), and between
+    commits a line every ``every_s`` seconds with the worker clips/s of each stage so far (Ray Data's own
+    progress bars show rows done and in flight per operator)."""
+
+    def __init__(self, echo, shards: int, already: int, todo: int, every_s: float = 30.0):
+        self.echo, self.shards, self.done, self.todo, self.todo_total = echo, shards, already, todo, todo
+        self.start, self.clips, self.frames = time.monotonic(), 0, 0
+        self.every_s, self.last = every_s, time.monotonic()
+        self.stage_seconds: collections.Counter = collections.Counter()
+
+    def clip(self, frames: int, timings: dict[str, float], open_shards: int) -> None:
+        self.clips += 1
+        self.frames += frames
+        self.stage_seconds.update(timings)
+        now = time.monotonic()
+        if self.every_s and now - self.last >= self.every_s:
+            self.last = now
+            elapsed = now - self.start
+            stages = ", ".join(f"{k} {self.clips / v:.2f}" for k, v in sorted(self.stage_seconds.items()) if v > 0)
+            self.echo(f"  {self.clips} clips in {elapsed:.0f} s ({self.clips / elapsed:.2f} clips/s, "
+                      f"{self.frames / elapsed:.1f} frames/s; {open_shards} shard(s) open); "
+                      f"clips/s per worker: {stages}")
+
+    def committed(self, shard: int, in_flight: int) -> None:
+        self.done += 1
+        self.todo -= 1
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        finished = self.todo_total - self.todo
+        eta = elapsed / finished * self.todo
+        self.echo(f"  shard {shard:06d} committed ({self.done}/{self.shards} shards done, {in_flight} committing; "
+                  f"{self.clips} clips, {self.clips / elapsed:.2f} clips/s, {self.frames / elapsed:.1f} frames/s; "
+                  f"ETA {eta:.0f} s)")
+
+
+def commit_shard(output: str, s3: S3Config, shard: int, records: list[dict], timings: dict, config: str,
+                 attempts: int) -> dict:
+    """A Ray task: assemble and commit one shard from its staged samples, retrying storage faults."""
+    storage = open_storage(output, s3)
+    for attempt in range(1, attempts + 1):
+        try:
+            return commit_staged(storage, shard, records, timings, config_hash=config)
+        except Exception as exc:
+            if attempt == attempts:
+                raise
+            logger.warning("shard %06d: commit attempt %d/%d failed: %s", shard, attempt, attempts, exc)
+            time.sleep(min(2 ** attempt, 10))
+    raise AssertionError("unreachable")
+
+
+def _clear_staging(storage, committed: set[int]) -> None:
+    """Remove staging objects left by a crash after their shard committed (pending shards keep theirs:
+    a rerun overwrites them under the same names)."""
+    for name in storage.list(f"{STAGING_DIR}/"):
+        parts = name.split("/")
+        if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) in committed:
+            storage.delete(name)
 
 
 def _has_retryable_failure(storage, shard: int) -> bool:
@@ -230,17 +311,6 @@ def _has_retryable_failure(storage, shard: int) -> bool:
     rows = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(shard, "parquet")))).to_pylist()
     retryable = {code.value for code in RETRYABLE_CODES}
     return any(r.get("status") == "failed" and r.get("reason") in retryable for r in rows)
-
-
-def _commit(writer: ShardWriter, timings: dict, attempts: int) -> bool:
-    for attempt in range(1, attempts + 1):
-        try:
-            writer.commit(timings)
-            return True
-        except Exception as exc:  # a storage fault: retry, then report the shard as failed
-            logger.warning("shard %06d: commit attempt %d/%d failed: %s", writer.shard_id, attempt, attempts, exc)
-            time.sleep(min(2 ** attempt, 10))
-    return False
 
 
 def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:

@@ -21,8 +21,7 @@ SMALL = ["process.depth.backend=oracle", "process.decode.clip_frames=9", "proces
          "process.decode.buckets=[[64,96]]", "process.decode.min_short_side=32", "shard_size=2"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
+def _start_ray():
     import os
 
     import ray
@@ -32,8 +31,24 @@ def ray_local():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=300 * 1024 * 1024)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    _start_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_s3(ray_local, s3_env):
+    """A local Ray whose workers have the S3 credentials in their environment (workers stage samples in
+    the output storage themselves, with their own credential chain, as on a cluster)."""
+    _start_ray()
+    yield
+    _start_ray()
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +86,17 @@ def _tar_url(storage, key):
 
 def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_local, corpus, tmp_path):
     out = tmp_path / "out"
-    code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL)
+    code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL,
+                          "progress_every_s=0.001")
     assert code == 0, captured.err
+    assert "clips/s per worker: decode" in captured.out  # the periodic per-stage line
     storage = LocalStorage(out)
     manifest, samples, rows = _read_all(storage)
     summary = manifest["summary"]
     assert summary["inputs"] == 6 and summary["committed_shards"] == 3 and not summary["failed_shards"]
-    assert set(summary["stage_clips_per_s"]) == {"decode", "pair"} and "clips/s; ETA" in captured.out
+    assert set(summary["stage_clips_per_s"]) == {"decode", "pair", "write"}
+    assert "clips/s" in captured.out and "frames/s; ETA" in captured.out
+    assert storage.list("_staging/") == []  # staged samples were assembled into shards and removed
     assert {r["source"] for r in rows} == {str(p) for p in corpus.glob("*.mp4")}  # every input has a row
     assert sum(r["status"] == "ok" for r in rows) == len(samples) == summary["samples"] > 0
     broken = [r for r in rows if r["source"].endswith("broken.mp4")]
@@ -90,11 +109,13 @@ def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_local, corpu
     # Crash simulation: shard 1 lost its stats (commit marker) and has a half-written tar.
     (out / "shards" / "000001_stats.json").unlink()
     (out / "shards" / "000001.tar").write_bytes(b"partial")
+    storage.write_bytes("_staging/000000/stale.tar", b"left by a crash after shard 0 committed")
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL)
     assert code == 0 and "2 already committed, 1 to do" in captured.out
     manifest2, samples2, rows2 = _read_all(storage)
     assert sorted(samples2) == sorted(samples)  # same keys, nothing duplicated, nothing lost
     assert len(rows2) == len(rows) and len({r["key"] for r in rows2}) == len(rows2)
+    assert storage.list("_staging/") == []
     same_key = next(k for k in samples)
     assert np.array_equal(read_sample(samples2[same_key]).mask, read_sample(samples[same_key]).mask)
 
@@ -109,7 +130,7 @@ def test_ray_data_reads_the_shards(ray_local, corpus, tmp_path, capsys):
     assert ds.count() == manifest["summary"]["samples"]
 
 
-def test_s3_output_matches_local(ray_local, corpus, tmp_path, capsys, s3_bucket, s3_env):
+def test_s3_output_matches_local(ray_s3, corpus, tmp_path, capsys, s3_bucket, s3_env):
     from dreamstereo.pipeline.io.storage import register_webdataset_s3
 
     uri = f"s3://{s3_bucket}/run"
@@ -181,3 +202,44 @@ def test_resuming_with_other_inputs_or_shard_size_is_refused(capsys, ray_local, 
     assert code == 2 and "another input list, shard size or stage settings" in captured.err
     code, captured = _run(capsys, "generate", "--input", str(corpus / "scene*.mp4"), "--output", str(out), *SMALL)
     assert code == 2 and "new output" in captured.err
+
+
+
+def test_wrong_credentials_fail_fast(s3_auth, s3_server, corpus, tmp_path, capsys, monkeypatch):
+    bucket, _, secret = s3_auth
+    cfg = S3Config(endpoint_url=s3_server)
+    good = S3Storage(f"s3://{bucket}", cfg)
+    good.check()  # the right key passes: what fails below fails because of the key
+    video = next(corpus.glob("scene*.mp4"))
+    good.write_bytes(f"in/{video.name}", video.read_bytes())
+    endpoint = f"s3.endpoint_url={s3_server}"
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-0123456789")
+    code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", f"s3://{bucket}/out", *SMALL,
+                          endpoint)
+    assert code == 2 and "access is denied" in captured.err and len(captured.err.strip().splitlines()) == 1
+    (tmp_path / "list.csv").write_text(f"video\ns3://{bucket}/in/{video.name}\n")
+    code, captured = _run(capsys, "generate", "--input", str(tmp_path / "list.csv"), "--output",
+                          str(tmp_path / "out"), *SMALL, endpoint, "input.path_column=video")
+    assert code == 2 and f"input 's3://{bucket}/in/{video.name}' cannot be read" in captured.err
+    assert "access is denied" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "wrong-secret" not in captured.err + captured.out and secret not in captured.err + captured.out
+    assert not any((tmp_path / "out").rglob("*"))  # failed before any work: nothing written
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    assert good.list() == [f"in/{video.name}"]  # nothing was written to the bucket either
+
+
+def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
+    """With recycle_after=1 the single pair actor replaces its process after every batch: each clip is
+    made by another process, and the output holds the same samples as a run without recycling."""
+    args = ["--input", str(corpus / "scene*.mp4"), *SMALL, "process.decode.max_clips=1"]
+    assert _run(capsys, "generate", "--output", str(tmp_path / "plain"), *args)[0] == 0
+    code, captured = _run(capsys, "generate", "--output", str(tmp_path / "recycled"), *args,
+                          "resources.recycle_after=1")
+    assert code == 0, captured.err
+    _, plain, plain_rows = _read_all(LocalStorage(tmp_path / "plain"))
+    _, recycled, rows = _read_all(LocalStorage(tmp_path / "recycled"))
+    assert sorted(recycled) == sorted(plain) and len(rows) == len(plain_rows) >= 3
+    assert len({r["worker"] for r in rows}) == len(rows)  # one process per batch
+    assert len({r["worker"] for r in plain_rows}) == 1  # the same pool without recycling: one process

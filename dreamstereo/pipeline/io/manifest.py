@@ -16,7 +16,7 @@ import operator
 import re
 from pathlib import Path
 
-from dreamstereo.pipeline.io.storage import S3Config, StorageError, open_storage
+from dreamstereo.pipeline.io.storage import S3Config, StorageError, open_storage, uri_exists
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +128,17 @@ def split_shards(videos: list[InputVideo], shard_size: int) -> list[list[InputVi
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     return [videos[i:i + shard_size] for i in range(0, len(videos), shard_size)]
+
+
+def check_input_access(inputs: list[InputVideo], s3: S3Config | None = None) -> None:
+    """Fail fast (before any work) when an input bucket is unreachable or denies access: one HEAD on the
+    first input of each bucket. A missing object is left to the job (recorded per input)."""
+    first: dict[str, str] = {}
+    for video in inputs:
+        if video.uri.startswith("s3://"):
+            first.setdefault(video.uri[len("s3://"):].partition("/")[0], video.uri)
+    for bucket, uri in first.items():
+        try:
+            uri_exists(uri, s3)
+        except StorageError as exc:
+            raise StorageError(f"input {uri!r} cannot be read: {exc}") from None

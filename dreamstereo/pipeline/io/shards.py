@@ -4,6 +4,12 @@ and ``{id:06d}_stats.json``, written last as the commit marker (as video2dataset
 A shard counts as done only when its stats file exists. The tar and parquet are uploaded first (each
 all-or-nothing, see ``storage.py``), so a crash at any point leaves either a committed shard or one
 that a rerun redoes; a rerun overwrites the partial objects under the same names.
+
+In the Ray job, sample bytes never pass through the driver: the ``write`` operator stages each kept
+sample as a one-sample tar under ``_staging/{shard:06d}/<key>.tar`` (``stage_sample``) and passes on
+only its record; when every input of a shard is accounted for, a commit task (``commit_staged``)
+assembles the staged samples in input order into the shard tar, writes parquet and stats, then
+removes the staging objects.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import json
 import logging
 import subprocess
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -23,6 +30,7 @@ from dreamstereo import __version__
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
+STAGING_DIR = "_staging"
 STATUSES = ("ok", "rejected", "failed")
 
 
@@ -122,3 +130,45 @@ class ShardWriter:
         self.storage.write_bytes(shard_name(self.shard_id, "stats.json"), json.dumps(stats, indent=2).encode())
         self._dir.cleanup()
         return stats
+
+
+def staging_name(shard_id: int, key: str) -> str:
+    return f"{STAGING_DIR}/{shard_id:06d}/{key}.tar"
+
+
+def stage_sample(storage, shard_id: int, key: str, members: dict[str, bytes]) -> str:
+    """Write one sample's members as a one-sample tar into the staging area; return its storage key."""
+    name = staging_name(shard_id, key)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for ext, data in sorted(members.items()):
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mode = len(data), 0o444
+            tar.addfile(info, io.BytesIO(data))
+    storage.write_bytes(name, buffer.getvalue())
+    return name
+
+
+def read_staged(storage, name: str, key: str) -> dict[str, bytes]:
+    """The members of a staged sample (inverse of ``stage_sample``)."""
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(name)), mode="r") as tar:
+        return {m.name[len(key) + 1:]: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def commit_staged(storage, shard_id: int, records: list[dict], timings: dict | None = None, *,
+                  config_hash: str = "") -> dict:
+    """Assemble a shard from its records (in input order) and their staged samples; commit it; clear
+    its staging objects. Idempotent: an already committed shard returns its stats (a retried task)."""
+    marker = shard_name(shard_id, "stats.json")
+    if storage.exists(marker):
+        stats = json.loads(storage.read_bytes(marker))
+    else:
+        writer = ShardWriter(storage, shard_id, config_hash=config_hash)
+        for record in sorted(records, key=lambda r: (r["input_index"], r["clip_index"])):
+            record = dict(record)
+            part = record.pop("part", None)
+            writer.add(record, read_staged(storage, part, record["key"]) if part else None)
+        stats = writer.commit(timings)
+    for name in storage.list(f"{STAGING_DIR}/{shard_id:06d}/"):
+        storage.delete(name)
+    return stats

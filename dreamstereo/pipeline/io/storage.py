@@ -164,27 +164,37 @@ class S3Storage:
         return self._call("get_object", key, Bucket=self.bucket, Key=self._key(key))["Body"]
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            code = exc.response.get("Error", {}).get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StorageError(f"{self.uri}/{key}: {self._describe(exc)}") from None
+            what = "access is denied (check the credentials of the profile or environment)" if code == "403" \
+                else self._describe(exc)
+            raise StorageError(f"{self.uri}/{key}: {what}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"S3 endpoint for {self.uri!r} is unreachable ({self._describe(exc)})") from None
 
     def size(self, key: str) -> int:
         return int(self._call("head_object", key, Bucket=self.bucket, Key=self._key(key))["ContentLength"])
 
     def list(self, prefix: str = "") -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         start = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
-            for item in page.get("Contents", []):
-                key = item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"]
-                keys.append(key)
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=start):
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix) + 1:] if self.prefix else item["Key"]
+                    keys.append(key)
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"{self.uri}/{prefix}: listing failed ({self._describe(exc)})") from None
         return sorted(keys)
 
     def delete(self, key: str) -> None:
@@ -203,11 +213,22 @@ class S3Storage:
 def make_s3_client(cfg: S3Config):
     """A boto3 S3 client from the standard chain plus ``cfg`` (endpoint, region, profile, retries); one per
     process and setting (clients are thread-safe, and new sessions would fetch credentials again)."""
-    return _cached_client(tuple(sorted(dataclasses.asdict(cfg).items())))
+    return _cached_client(tuple(sorted(dataclasses.asdict(cfg).items())), _credential_env_digest())
+
+
+_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                   "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _credential_env_digest() -> str:
+    """A digest of the credential-chain environment: a changed key gets a new client, not a stale one."""
+    import hashlib
+
+    return hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CREDENTIAL_ENV).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_client(settings: tuple):
+def _cached_client(settings: tuple, env_digest: str):
     import boto3
 
     cfg = S3Config(**dict(settings))
