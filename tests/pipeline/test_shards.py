@@ -74,3 +74,30 @@ def test_same_on_s3(s3_bucket, s3_env):
     assert committed_shards(storage) == {0}
     table = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(0, "parquet"))))
     assert table.num_rows == 3
+
+
+def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
+    import webdataset as wds
+
+    from dreamstereo.pipeline.io.shards import commit_staged, read_staged, stage_sample
+
+    storage = CountingStorage(tmp_path / "out")
+    members = {"b": {"rgb.mp4": b"video-b", "json": b'{"k": "b"}'}, "a": {"rgb.mp4": b"video-a", "json": b"{}"}}
+    records = []
+    for key, index in (("b-00000000-c000", 1), ("a-00000000-c000", 0)):  # arrive out of input order
+        part = stage_sample(storage, 4, key, members[key[0]])
+        assert read_staged(storage, part, key) == members[key[0]]  # staging round trip is exact
+        records.append({"key": key, "source": f"{key[0]}.mp4", "input_index": index, "clip_index": 0,
+                        "status": "ok", "reason": None, "scores": {}, "part": part})
+    records.append({"key": "c-00000000-c000", "source": "c.mp4", "input_index": 2, "clip_index": 0,
+                    "status": "failed", "reason": "decode_failed", "scores": {}})
+    stats = commit_staged(storage, 4, records, {"pair": 2.0}, config_hash="h")
+    assert (stats["count"], stats["samples"], stats["failed"]) == (3, 2, 1)
+    samples = list(wds.WebDataset(str(tmp_path / "out" / shard_name(4, "tar")), shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["a-00000000-c000", "b-00000000-c000"]
+    assert samples[1]["rgb.mp4"] == b"video-b"
+    table = pq.read_table(tmp_path / "out" / shard_name(4, "parquet")).to_pylist()
+    assert [r["key"][0] for r in table] == ["a", "b", "c"] and "part" not in table[0]
+    assert storage.list("_staging/") == []
+    writes = len(storage.order)
+    assert commit_staged(storage, 4, records) == stats and len(storage.order) == writes  # a retried task
