@@ -24,11 +24,18 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. warp.delta=2")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other bad input: one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dreamstereo", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dreamstereo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dreamstereo {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("pbdp", help="double projection of an image or video with a given disparity")
     p.add_argument("input", help="image (.png/.jpg/...) or video file")
@@ -60,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default="warp-eval.json", help="where to write the table as JSON")
     _add_config_args(p)
 
+    p = sub.add_parser("convert", help="a monocular video -> a stereo video (side-by-side, top-bottom, anaglyph)")
+    p.add_argument("input", help="a video file")
+    p.add_argument("output", help="the stereo video to write (.mp4)")
+    p.add_argument("--format", choices=["sbs", "half-sbs", "tb", "half-tb", "anaglyph"],
+                   help="stereo layout (default: config, sbs)")
+    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+                   help="depth backend (default: config; oracle reads <video stem>.disparity.npz)")
+    p.add_argument("--preview", action="store_true", help="also write <output stem>.preview.png (a contact sheet)")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="make a synthetic scene and run the data chain on it")
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     _add_config_args(p)
@@ -69,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come before or after the options: collect the ones argparse left over.
-    args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if "=" not in a or a.startswith("-")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        stray = [a for a in extra if "=" not in a or a.startswith("-")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    except SystemExit as exc:  # usage errors (one line, status 2) and --help / --version (status 0)
+        return int(exc.code or 0)
     args.overrides = list(getattr(args, "overrides", [])) + extra
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -195,8 +215,31 @@ def _cmd_demo(args) -> int:
     return 1 if result["generate"]["failed_shards"] else 0
 
 
+def _cmd_convert(args) -> int:
+    from dreamstereo.config import load_config
+    from dreamstereo.inference.convert import ConvertConfig, convert_video
+    from dreamstereo.media import MediaError
+    from dreamstereo.stages.depth import DepthWeightsError
+
+    overrides = list(args.overrides)
+    overrides += [f"format={args.format}"] if args.format else []
+    overrides += [f"depth.backend={args.depth}"] if args.depth else []
+    cfg = load_config(ConvertConfig, args.config, overrides)
+    if Path(args.output).suffix.lower() != ".mp4":
+        raise MediaError(f"output {args.output!r} must be an .mp4 file")
+    _check_output_file(args.output)
+    if Path(args.output).resolve() == Path(args.input).resolve():
+        raise MediaError(f"output {args.output!r} is the input")
+    preview = Path(args.output).with_suffix(".preview.png") if args.preview else None
+    try:
+        convert_video(args.input, args.output, cfg, preview=preview, progress=not args.quiet)
+    except DepthWeightsError as exc:
+        raise MediaError(str(exc)) from None
+    return 0
+
+
 _COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,
-             "demo": _cmd_demo}
+             "convert": _cmd_convert, "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -92,10 +92,11 @@ class DemoConfig:
 
 def schemas() -> dict[str, type]:
     """Folder of ``configs/`` -> the schema its YAML files override (tests load every file against it)."""
-    from dreamstereo.pipeline.job import GenerateConfig  # the job imports this module: resolve late
+    from dreamstereo.inference.convert import ConvertConfig  # these import this module: resolve late
+    from dreamstereo.pipeline.job import GenerateConfig
 
     return {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig, "process": ProcessConfig,
-            "generate": GenerateConfig}
+            "generate": GenerateConfig, "convert": ConvertConfig}
 
 
 def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> T:

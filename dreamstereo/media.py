@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import io
 import logging
 import os
@@ -386,3 +387,49 @@ def decode_video_bytes(data: bytes) -> np.ndarray:
             return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
     except (av.FFmpegError, ValueError, IndexError) as exc:
         raise MediaError(f"in-memory video: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def has_audio(path: str | Path) -> bool:
+    """Whether a media file has an audio stream."""
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.audio)
+    except (av.FFmpegError, IndexError, OSError):
+        return False
+
+
+def mux_audio(video: str | Path, audio_source: str | Path, out: str | Path, *, seconds: float | None = None) -> bool:
+    """Write ``out``: the video stream of ``video`` plus the first audio stream of ``audio_source``, both
+    copied without re-encoding (audio packets up to ``seconds`` when given); mp4 with faststart,
+    written atomically. Returns False (and writes nothing) when the source has no audio.
+
+    Raises:
+        MediaError: the audio codec cannot go into an mp4 by copying.
+    """
+    with av.open(str(audio_source)) as source:
+        if not source.streams.audio:
+            return False
+        with av.open(str(video)) as picture, atomic_path(out) as tmp:
+            in_video, in_audio = picture.streams.video[0], source.streams.audio[0]
+            try:
+                with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "faststart"}) as sink:
+                    out_video = sink.add_stream_from_template(in_video)
+                    out_audio = sink.add_stream_from_template(in_audio)
+                    audio = ((p, out_audio) for p in source.demux(in_audio)
+                             if seconds is None or p.pts is None or float(p.pts * in_audio.time_base) < seconds)
+                    packets = heapq.merge(((p, out_video) for p in picture.demux(in_video)), audio,
+                                          key=_decode_time)  # each stream is in decode order: stream them
+                    for packet, stream in packets:
+                        if packet.dts is None:  # the demuxer's flush packets
+                            continue
+                        packet.stream = stream
+                        sink.mux(packet)
+            except (av.FFmpegError, ValueError) as exc:
+                raise MediaError(f"{str(audio_source)!r}: cannot copy its audio ({type(exc).__name__}: {exc})") \
+                    from None
+    return True
+
+
+def _decode_time(item) -> float:
+    packet = item[0]
+    return float(packet.dts * packet.time_base) if packet.dts is not None else float("inf")

@@ -1,0 +1,1 @@
+"""Inference: stereo conversion, sparse-token (SASI) inpainting, evaluation."""

@@ -1,0 +1,182 @@
+"""``dreamstereo convert``: a monocular video -> a stereo video.
+
+Per window of frames: depth (oracle sidecar or a depth model) -> disparity in pixels on one running
+range for the whole video -> the other eye by GAPW backward warping with its hole mask -> the holes
+inpainted (the SASI model when a checkpoint is given; otherwise OpenCV's Telea inpainting, announced as
+a fallback) -> blended into the warped view -> packed as side-by-side, top-bottom or anaglyph ->
+H.264. The source's audio is copied into the result. The output file appears only when complete, with
+``<output>.json`` beside it (resolved config, timings, what filled the holes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamstereo import __version__, media
+from dreamstereo.config import to_plain
+from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity, parse_sidecar
+from dreamstereo.stages.gapw import WarpConfig, warp
+from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, inpaint_opencv
+from dreamstereo.types import Direction, SampleError
+
+logger = logging.getLogger(__name__)
+
+Inpainter = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (warped (T,H,W,3) uint8, mask (T,H,W)) -> filled
+
+
+class InpaintMethod(str, enum.Enum):
+    AUTO = "auto"  # the model when a checkpoint is given, else OpenCV
+    MODEL = "model"  # require a checkpoint
+    OPENCV = "opencv"  # OpenCV Telea inpainting (no model)
+
+
+@dataclasses.dataclass
+class ConvertConfig:
+    """``dreamstereo convert``."""
+
+    format: StereoFormat = StereoFormat.SBS
+    depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
+    synthesized_eye: Direction = Direction.RIGHT  # the input is the other eye
+    max_disparity: float = 0.03  # fraction of the width given to the nearest point (comfortable: 0.02-0.05)
+    convergence: float = 0.0  # normalised disparity on the screen plane (0: the far plane)
+    range_momentum: float = 0.8  # smoothing of the disparity range across windows (DisparityRange)
+    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
+    window: int = 16  # frames per step (depth, warp, inpainting)
+    frames: int = 0  # convert only the first N frames (0: all); the audio is cut to match
+    inpaint: InpaintMethod = InpaintMethod.AUTO
+    opencv_radius: int = 3  # px, OpenCV inpainting neighbourhood
+    feather_px: int = 2  # soft seam outside the hole when blending the inpainted pixels
+    crf: int = 18  # H.264 quality of the output
+    device: str = "cpu"  # depth model and inpainting model
+
+    def __post_init__(self):
+        if not 0 < self.max_disparity < 0.5:
+            raise ValueError(f"max_disparity must be in (0, 0.5), got {self.max_disparity}")
+        if not 0.0 <= self.convergence <= 1.0:
+            raise ValueError(f"convergence must be in [0, 1], got {self.convergence}")
+        if self.window < 1 or self.frames < 0:
+            raise ValueError(f"need window >= 1 and frames >= 0, got window={self.window}, frames={self.frames}")
+
+
+def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *, inpainter: Inpainter | None = None,
+                  preview: str | Path | None = None, echo=print, progress: bool = True) -> dict:
+    """Convert ``source`` into the stereo video ``output``; return the run record (also ``<output>.json``).
+
+    ``inpainter`` fills the holes of the synthesized view (the SASI model); None uses OpenCV.
+
+    Raises:
+        MediaError: unreadable input, no video stream, an oracle sidecar that does not fit.
+    """
+    from tqdm import tqdm
+
+    source, output = Path(source), Path(output)
+    info = media.probe_video(source)  # MediaError: missing, unreadable, no video stream
+    total = min(info.frames, cfg.frames) if cfg.frames else info.frames
+    if cfg.inpaint is InpaintMethod.MODEL and inpainter is None:
+        raise media.MediaError("inpaint=model needs --checkpoint DIR (a trained or exported inpainting model)")
+    if inpainter is None or cfg.inpaint is InpaintMethod.OPENCV:
+        inpainter = None
+        echo("convert: no inpainting model (--checkpoint): holes are filled with OpenCV's Telea inpainting, a "
+             "fallback of lower quality")
+    depth = _depth_source(source, info, cfg)
+    direction = cfg.synthesized_eye  # GAPW places view 2 on this side of the input
+    disparity_range = DisparityRange(cfg.range_momentum)
+    seconds = {"depth": 0.0, "warp": 0.0, "inpaint": 0.0, "encode": 0.0}
+    sheet_tiles, done, hole_pixels = None, 0, 0
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dreamstereo-convert-") as tmp:
+        picture = Path(tmp) / "video.mp4"
+        with media.VideoWriter(picture, info.fps, crf=cfg.crf) as writer, \
+                tqdm(total=total, unit="frame", desc="convert", disable=not progress) as bar:
+            for frames in media.iter_video(source, chunk_frames=cfg.window):
+                frames = frames[:total - done]
+                if not len(frames):
+                    break
+                t0 = time.perf_counter()
+                relative = depth(frames, done)
+                t1 = time.perf_counter()
+                norm = disparity_range.normalize(relative)
+                disparity = frames.shape[2] * cfg.max_disparity * (norm - cfg.convergence)
+                view, _, mask = warp(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255.0),
+                                     torch.from_numpy(disparity), direction, **cfg.warp.options())
+                synth = media.to_uint8(view.permute(0, 2, 3, 1).numpy())
+                mask = mask.numpy()
+                t2 = time.perf_counter()
+                filled = inpainter(synth, mask) if inpainter else inpaint_opencv(synth, mask, cfg.opencv_radius)
+                synth = blend(synth, filled, mask, cfg.feather_px)
+                t3 = time.perf_counter()
+                left, right = (frames, synth) if direction is Direction.RIGHT else (synth, frames)
+                writer.write(compose(left, right, cfg.format))
+                t4 = time.perf_counter()
+                for key, value in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    seconds[key] += value
+                if sheet_tiles is None and preview:
+                    sheet_tiles = _preview_tiles(frames[0], norm[0], mask[0], left[0], right[0])
+                hole_pixels += int(mask.sum())
+                done += len(frames)
+                bar.update(len(frames))
+        t0 = time.perf_counter()
+        audio = media.mux_audio(picture, source, output, seconds=done / info.fps)
+        if not audio:
+            with media.atomic_path(output) as final:
+                final.write_bytes(picture.read_bytes())
+        seconds["encode"] += time.perf_counter() - t0
+    wall = time.perf_counter() - start
+    record = {
+        "version": __version__, "source": str(source), "output": str(output), "frames": done, "fps": info.fps,
+        "input_size": [info.width, info.height], "format": cfg.format.value, "audio_copied": audio,
+        "inpainting": "model" if inpainter else "opencv-telea", "hole_ratio": hole_pixels / max(1, done * info.width
+                                                                                             * info.height),
+        "ms_per_frame": {k: round(1000 * v / max(done, 1), 2) for k, v in seconds.items()},
+        "wall_seconds": round(wall, 2), "config": to_plain(cfg),
+    }
+    if preview and sheet_tiles is not None:
+        from dreamstereo.preview import contact_sheet
+
+        media.write_image(preview, contact_sheet(sheet_tiles, columns=2))
+        record["preview"] = str(preview)
+    media.write_text(f"{output}.json", json.dumps(record, indent=2))
+    echo(f"convert: {done} frames -> {output} ({cfg.format.value}, {'with' if audio else 'no'} audio, "
+         f"{1000 * wall / max(done, 1):.0f} ms/frame)")
+    return record
+
+
+def _depth_source(source: Path, info: media.VideoInfo, cfg: ConvertConfig):
+    """A function (frames, first frame index) -> relative disparity ``(T, H, W)``."""
+    if cfg.depth.backend is DepthBackendName.ORACLE:
+        sidecar_path = source.with_name(f"{source.stem}.disparity.npz")
+        if not sidecar_path.is_file():
+            raise media.MediaError(f"--depth oracle needs the disparity sidecar {str(sidecar_path)!r} beside the video")
+        try:
+            sidecar = parse_sidecar(sidecar_path.read_bytes())
+        except SampleError as exc:
+            raise media.MediaError(f"{str(sidecar_path)!r}: {exc.message}") from None
+
+        def oracle(frames: np.ndarray, first: int) -> np.ndarray:
+            try:
+                return oracle_disparity(sidecar, tuple(range(first, first + len(frames))), info.frames,
+                                        (info.height, info.width), frames.shape[1:3])
+            except SampleError as exc:
+                raise media.MediaError(f"{str(sidecar_path)!r}: {exc.message}") from None
+
+        return oracle
+    backend = load_backend(cfg.depth, cfg.device)  # DepthWeightsError says how to provide the weights
+    return lambda frames, first: backend(frames)
+
+
+def _preview_tiles(frame, norm, mask, left, right) -> list[tuple[str, np.ndarray]]:
+    from dreamstereo.preview import colourize_disparity, overlay_mask
+
+    return [("input", frame), ("disparity", colourize_disparity(norm)), ("holes to inpaint", overlay_mask(
+        frame if left is frame else right, mask)), ("left", left), ("right", right),
+        ("anaglyph", compose(left[None], right[None], StereoFormat.ANAGLYPH)[0])]
