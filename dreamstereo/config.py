@@ -93,9 +93,10 @@ class DemoConfig:
 def schemas() -> dict[str, type]:
     """Folder of ``configs/`` -> the schema its YAML files override (tests load every file against it)."""
     from dreamstereo.pipeline.job import GenerateConfig  # the job imports this module: resolve late
+    from dreamstereo.training.config import TrainConfig
 
     return {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig, "process": ProcessConfig,
-            "generate": GenerateConfig}
+            "generate": GenerateConfig, "train": TrainConfig}
 
 
 def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> T:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from dreamstereo.sample import encode_raw_sample, encode_sample, make_key
 from dreamstereo.scenes import demo_scene
 
@@ -54,6 +52,3 @@ def tar_keys(url: str) -> list[str]:
     from dreamstereo.training.data import read_keys
 
     return read_keys(url)
-
-
-__all__ = ["write_shards", "tar_keys", "np"]
