@@ -47,7 +47,7 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
     wan.merge_lora(transformer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    transformer.to(dtype).save_pretrained(out / "transformer")
+    (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(out / "transformer")
     vae_src = Path(base) / "vae"
     if vae_src.is_dir():
         shutil.copytree(vae_src, out / "vae", dirs_exist_ok=True)

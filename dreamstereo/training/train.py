@@ -291,6 +291,10 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"], generator)
         step, samples = state["step"], state["samples"]
+        # The schedule of this run's config from here on (max_steps or lr may differ from the saved run's).
+        scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_at(step, cfg)
         if master:
             logger.info("resumed from %s at step %d", resume_uri, step)
     log = MetricsLog(output_dir, resume_step=step, tensorboard=cfg.log.tensorboard) if master else None
@@ -314,7 +318,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
             shards_read.update(batch["urls"])
             loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
             (loss / accumulation).backward()
-            step_loss += float(loss) / accumulation
+            step_loss += loss.item() / accumulation
             window_samples += len(batch["keys"])
         all_reduce_grads(params, world)
         if cfg.optim.grad_clip > 0:
