@@ -10,6 +10,7 @@ wherever its rank 0 lands.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -50,7 +51,6 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
     from dreamstereo.training.train import check_config
 
     check_config(cfg)  # fail on the driver, before any worker is placed
-    cfg.accumulation(cfg.ray.num_workers)
     started = False
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -71,7 +71,15 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
         result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise RuntimeError(f"Ray Train failed: {result.error}")
-        return dict(result.metrics or {})
+        metrics = dict(result.metrics or {})
+        if "step" not in metrics:  # Ray Train V2 keeps only metrics reported with a checkpoint: read ours
+            from dreamstereo.training.checkpoint import CheckpointStore
+
+            store = CheckpointStore(cfg.checkpoint_uri or str(output / "checkpoints"), cfg.data.s3)
+            log = output / "metrics.jsonl"
+            last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
+            metrics = {"step": store.latest() or last.get("step"), "loss": last.get("loss")}
+        return metrics
     finally:
         if started:
             ray.shutdown()

@@ -49,8 +49,11 @@ def check_config(cfg: TrainConfig) -> None:
                               "a brace pattern of tar URLs, or one .tar")
     if not cfg.model.base:
         raise wan.WeightsError(f"model.base is not set: give model.base=DIR, {wan.DOWNLOAD_HINT}")
-    if not cfg.model.base.startswith("s3://"):
-        wan._transformer_folder(cfg.model.base)  # raises WeightsError naming what to provide
+    wan._transformer_folder(cfg.model.base)  # raises WeightsError naming what to provide
+    try:
+        cfg.accumulation(cfg.world_size())
+    except ValueError as exc:
+        raise TrainSetupError(str(exc)) from None
 
 
 def split_train_val(cfg: TrainConfig) -> tuple[list[str], list[str]]:

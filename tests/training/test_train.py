@@ -182,7 +182,7 @@ def test_two_ray_train_workers_read_disjoint_shards(toy_wan, raw_shards, tmp_pat
              object_store_memory=200 * 1024 * 1024)
     try:
         cfg = _cfg(toy_wan, raw_shards[0], tmp_path, "ray.num_workers=2", "ray.cpus_per_worker=0.5",
-                   "max_steps=3", "log.checkpoint_every=0")
+                   "micro_batch_size=1", "max_steps=3", "log.checkpoint_every=0")
         result = run_ray_training(cfg)
     finally:
         ray.shutdown()
