@@ -301,6 +301,9 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
         if master:
             logger.info("resumed from %s at step %d", resume_uri, step)
     log = MetricsLog(output_dir, resume_step=step, tensorboard=cfg.log.tensorboard) if master else None
+    if master and cfg.data.stage.value == "pairs" and not cfg.model.init_from and state is None:
+        logger.warning("Stage 2 (data.stage=pairs) without model.init_from: the adapter starts from zero, "
+                       "not from a Stage 1 checkpoint")
     if master:
         (output_dir / "config.yaml").write_text(to_yaml(cfg))
         logger.info("training %s on %d worker(s): %d trainable of %d parameters, prompt embedding from %s, "

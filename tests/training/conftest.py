@@ -8,10 +8,11 @@ import torch
 from tests.training.shards import write_shards
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores: one thread is faster than two fighting
+    # (module scope, so it is in force before module fixtures such as the tiny run)
     yield
     torch.set_num_threads(threads)
 
