@@ -77,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true", help="also write <output stem>.preview.png (a contact sheet)")
     _add_config_args(p)
 
+    p = sub.add_parser("train", help="LoRA training of the stereo inpainter on shards (Stage 1 or Stage 2)")
+    p.add_argument("train_config", metavar="CONFIG", help="YAML preset, e.g. configs/train/stage1.yaml")
+    _add_config_args(p)
+
+    p = sub.add_parser("export", help="merge a training checkpoint's LoRA into a standalone model folder")
+    p.add_argument("checkpoint", help="a checkpoints/step-NNNNNNNN folder (local or s3://)")
+    p.add_argument("--out", required=True, help="output model folder (transformer/, vae/, prompt embedding)")
+    p.add_argument("--base", help="base model folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the saved transformer (default float32)")
+
     p = sub.add_parser("demo", help="make a synthetic scene and run the data chain on it")
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     _add_config_args(p)
@@ -238,8 +249,54 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from dreamstereo.config import load_config
+    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.training.config import TrainConfig
+    from dreamstereo.training.train import TrainSetupError, check_config
+
+    cfg = load_config(TrainConfig, [args.train_config, *args.config], args.overrides)
+    try:
+        check_config(cfg)
+        _check_output_folder(cfg.output_dir)
+        if cfg.ray.num_workers > 0:
+            from dreamstereo.training.ray_train import run_ray_training
+
+            result = run_ray_training(cfg)
+        else:
+            from dreamstereo.training.train import train
+
+            result = train(cfg)
+            result = {"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None}
+    except (WeightsError, StorageError, TrainSetupError) as exc:
+        print(f"dreamstereo train: error: {exc}", file=sys.stderr)
+        return 2
+    loss = result.get("loss")
+    print(f"trained to step {result.get('step')} (last loss {loss if loss is None else round(loss, 4)}): "
+          f"{cfg.output_dir}/metrics.jsonl, checkpoints in {cfg.checkpoint_uri or cfg.output_dir + '/checkpoints'}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.training.export import export_model
+
+    _check_output_folder(args.out)
+    try:
+        out = export_model(args.checkpoint, args.out, base=args.base, dtype=getattr(torch, args.dtype))
+    except (WeightsError, StorageError) as exc:
+        print(f"dreamstereo export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}: transformer/ (LoRA merged), vae/, prompt_embedding.safetensors")
+    return 0
+
+
 _COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,
-             "convert": _cmd_convert, "demo": _cmd_demo}
+             "convert": _cmd_convert, "train": _cmd_train, "export": _cmd_export, "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,384 @@
+"""The training loop of ``dreamstereo train``: one function, ``train``, read top to bottom.
+
+Order (as nanoGPT's ``train.py``): config -> distributed context -> data -> model -> optimizer and LR
+schedule -> resume -> one ``while`` loop (set LR, accumulate micro-steps, all-reduce, clip, step, log,
+validate, checkpoint, stop). It runs in this process (``ray.num_workers=0``) or in each Ray Train worker
+(``ray_train.py``), where ``torch.distributed`` is already initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamstereo import __version__
+from dreamstereo.config import to_yaml
+from dreamstereo.models import wan_inpaint as wan
+from dreamstereo.training import checkpoint as ckpt
+from dreamstereo.training.config import LrDecay, Precision, TrainConfig
+from dreamstereo.training.data import TrainBatches, frames_to_video, resolve_shards, validation_batches
+from dreamstereo.training.objective import flow_matching_loss, sample_sigmas
+
+logger = logging.getLogger(__name__)
+
+
+class TrainSetupError(ValueError):
+    """A run that cannot start (a location not set, a batch size that does not split); says what to set."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Helpers (each small; the loop below is the story)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Fail before any work when a required location is missing."""
+    if not cfg.output_dir:
+        raise TrainSetupError("output_dir is not set: give output_dir=DIR (metrics.jsonl and checkpoints/ go there)")
+    if not cfg.data.shards:
+        raise TrainSetupError("data.shards is not set: give a `dreamstereo generate` output (folder or s3://...), "
+                              "a brace pattern of tar URLs, or one .tar")
+    if not cfg.model.base:
+        raise wan.WeightsError(f"model.base is not set: give model.base=DIR, {wan.DOWNLOAD_HINT}")
+    wan._transformer_folder(cfg.model.base)  # raises WeightsError naming what to provide
+    try:
+        cfg.accumulation(cfg.world_size())
+    except ValueError as exc:
+        raise TrainSetupError(str(exc)) from None
+
+
+def split_train_val(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    urls = resolve_shards(cfg.data.shards, cfg.data.s3)
+    if cfg.data.val_shards:
+        return urls, resolve_shards(cfg.data.val_shards, cfg.data.s3)
+    n = cfg.data.holdout_shards
+    if n and n >= len(urls):
+        raise TrainSetupError(f"data.holdout_shards={n} leaves no training shard out of {len(urls)}")
+    return (urls[:-n], urls[-n:]) if n else (urls, [])
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak LR at optimizer step ``step`` (0-based): linear warm-up, then constant or cosine."""
+    warmup = cfg.schedule.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule.decay is LrDecay.COSINE:
+        progress = min(1.0, (step - warmup) / max(1, cfg.max_steps - warmup))
+        floor = cfg.schedule.min_lr_ratio
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def compute_loss(transformer, vae, batch: dict, prompt: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+                 device: torch.device, autocast) -> torch.Tensor:
+    """Flow-matching loss of one micro-batch (see ``objective.py``); noise and sigmas come from ``generator``."""
+    clean = frames_to_video(batch["clean"]).to(device)  # (B, 3, T, H, W) in [-1, 1]
+    cond = frames_to_video(batch["cond"]).to(device)
+    hole = batch["mask"][:, None].to(device)  # (B, 1, T, H, W) bool, True = to inpaint
+    x0 = wan.encode_video(vae, clean)  # (B, 16, F, h, w)
+    masked_latents = wan.encode_video(vae, wan.mask_video(cond, hole))
+    known = wan.known_mask_channels(hole)  # (B, 4, F, h, w)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    sigmas = sample_sigmas(x0.shape[0], cfg.flow, generator).to(device)
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * x0 + s * noise
+    with autocast():
+        velocity = wan.predict_velocity(transformer, wan.build_model_input(noisy, known, masked_latents), sigmas,
+                                        prompt)
+    return flow_matching_loss(velocity, noise - x0, 1 - known, cfg.flow.mask_weight)
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over workers in one flat all-reduce per optimizer step. Done by hand, not by DDP:
+    only the adapter and patch embedding have gradients, and reducing once after all micro-steps is
+    what DDP's ``no_sync`` would do."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
+def all_mean(value: float, world: int, device) -> float:
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world
+
+
+def gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loop": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loop"])
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (KiB on Linux)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line), and TensorBoard events when installed; rank 0 only."""
+
+    def __init__(self, output_dir: Path, *, resume_step: int, tensorboard: bool):
+        self.path = output_dir / "metrics.jsonl"
+        if self.path.exists():  # drop what a crashed run logged after the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, record["step"])
+            self.writer.flush()
+
+
+def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimizer, scheduler, generator,
+                     prompt: torch.Tensor, prompt_source: str, data_state: dict, samples: int,
+                     cfg: TrainConfig) -> str:
+    """Assemble a checkpoint folder locally and commit it to the store (rank 0)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory(prefix="dreamstereo-ckpt-") as tmp:
+        folder = Path(tmp)
+        save_file(wan.trainable_state_dict(transformer), str(folder / ckpt.ADAPTER_FILE), metadata={"format": "pt"})
+        lora_config = transformer.peft_config["default"].to_dict()
+        lora_config = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.items()}
+        (folder / ckpt.ADAPTER_CONFIG_FILE).write_text(json.dumps(lora_config, indent=2, default=str))
+        wan.save_prompt_embedding(folder / wan.PROMPT_EMBEDDING_FILE, prompt, source=prompt_source)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                    "samples": samples, "rng": rng_state(generator), "data": data_state}, folder / ckpt.STATE_FILE)
+        (folder / ckpt.CONFIG_FILE).write_text(to_yaml(cfg))
+        (folder / ckpt.META_FILE).write_text(json.dumps({
+            "step": step, "samples": samples, "base": cfg.model.base, "in_channels": wan.INPAINT_IN_CHANNELS,
+            "lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "package_version": __version__}, indent=2))
+        return store.save(step, folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
+    """Train (or resume) and return a summary: ``step``, ``losses`` (per logged step, rank 0), ``checkpoint``."""
+    # 1. Context: device, precision, seeds -------------------------------------------------------------
+    check_config(cfg)
+    master = rank == 0
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    use_bf16 = cfg.precision is Precision.BF16 or (cfg.precision is Precision.AUTO and device.type == "cuda")
+    autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext)
+    torch.manual_seed(cfg.seed + rank)
+    np.random.seed((cfg.seed + rank) % 2**32)
+    random.seed(cfg.seed + rank)
+    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise and sigmas of every micro-step
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accumulation = cfg.accumulation(world)
+
+    # 2. Checkpoint store and resume point (before the data, whose position it holds) ------------------
+    store = ckpt.CheckpointStore(cfg.checkpoint_uri or str(output_dir / "checkpoints"), cfg.data.s3)
+    resume_uri = ckpt.resolve_resume(cfg.resume, store)
+    state = None
+    if resume_uri is not None:
+        resume_dir = ckpt.fetch(resume_uri, cfg.data.s3)
+        state = torch.load(resume_dir / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+
+    # 3. Data: this worker's streams, positioned where the checkpoint left them ------------------------
+    train_urls, val_urls = split_train_val(cfg)
+    streams = max(1, cfg.data.num_workers)
+    data_state = (state or {}).get("data")
+    start_states, batches_done, data_seed = None, 0, cfg.seed
+    if data_state and data_state["world"] == world and data_state["streams"] == streams:
+        start_states, batches_done = data_state["states"][rank], data_state["batches_done"]
+    elif state is not None:
+        logger.warning("resuming with another worker layout (%s -> world %d, %d streams): data streams restart "
+                       "with a new seed", {k: data_state.get(k) for k in ("world", "streams")} if data_state else None,
+                       world, streams)
+        data_seed = cfg.seed + state["step"]
+    dataset = TrainBatches(train_urls, cfg.data, batch_size=cfg.micro_batch_size, seed=data_seed, rank=rank,
+                           world=world, states=start_states, batches_done=batches_done)
+    stream_states = list(dataset.states)
+    batches = iter(dataset.loader())
+    val_set = []
+    if val_urls and cfg.log.val_every:
+        mine = val_urls[rank::world] if len(val_urls) >= world else val_urls
+        val_set = validation_batches(mine, cfg.data, batch_size=cfg.micro_batch_size, seed=cfg.seed,
+                                     max_batches=cfg.log.val_batches)
+
+    # 4. Model: 36-channel Wan, LoRA, frozen VAE, the stored empty-prompt embedding ---------------------
+    transformer = wan.load_inpaint_model(cfg.model.base, device=str(device))
+    wan.add_lora(transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, targets=cfg.lora.targets)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    vae = wan.load_vae(cfg.model.base, dtype=torch.bfloat16 if (cfg.model.vae_bf16 and use_bf16) else torch.float32,
+                       device=str(device))
+    if state is not None:
+        prompt, prompt_source = wan.load_prompt_embedding(resume_dir / wan.PROMPT_EMBEDDING_FILE)
+    elif cfg.model.init_from:
+        prompt, prompt_source = wan.load_prompt_embedding(ckpt.fetch(cfg.model.init_from, cfg.data.s3)
+                                                          / wan.PROMPT_EMBEDDING_FILE)
+    else:
+        prompt, prompt_source = wan.resolve_prompt_embedding(cfg.model.base, transformer.config.text_dim,
+                                                             text_encoder=cfg.model.text_encoder)
+    prompt = prompt.to(device)
+    init = resume_dir if state is not None else (ckpt.fetch(cfg.model.init_from, cfg.data.s3)
+                                                 if cfg.model.init_from else None)
+    if init is not None:
+        from safetensors.torch import load_file
+
+        wan.load_trainable_state_dict(transformer, load_file(str(init / ckpt.ADAPTER_FILE)))
+    params = [p for p in transformer.parameters() if p.requires_grad]
+
+    # 5. Optimizer and LR schedule ---------------------------------------------------------------------
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    step, samples = 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], generator)
+        step, samples = state["step"], state["samples"]
+        # The schedule of this run's config from here on (max_steps or lr may differ from the saved run's).
+        scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_at(step, cfg)
+        if master:
+            logger.info("resumed from %s at step %d", resume_uri, step)
+    log = MetricsLog(output_dir, resume_step=step, tensorboard=cfg.log.tensorboard) if master else None
+    if master and cfg.data.stage.value == "pairs" and not cfg.model.init_from and state is None:
+        logger.warning("Stage 2 (data.stage=pairs) without model.init_from: the adapter starts from zero, "
+                       "not from a Stage 1 checkpoint")
+    if master:
+        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        logger.info("training %s on %d worker(s): %d trainable of %d parameters, prompt embedding from %s, "
+                    "%d micro-step(s) of %d per step", cfg.data.stage.value, world, sum(p.numel() for p in params),
+                    sum(p.numel() for p in transformer.parameters()), prompt_source, accumulation,
+                    cfg.micro_batch_size)
+    shards_read: set[str] = set()
+    losses, last_checkpoint = [], None
+
+    # 6. The loop --------------------------------------------------------------------------------------
+    window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
+    while step < cfg.max_steps:
+        step_loss = 0.0
+        for _ in range(accumulation):
+            batch = next(batches)
+            stream_states[batch["logical"]] = batch["state"]
+            batches_done += 1
+            shards_read.update(batch["urls"])
+            loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
+            (loss / accumulation).backward()
+            step_loss += loss.item() / accumulation
+            window_samples += len(batch["keys"])
+        all_reduce_grads(params, world)
+        if cfg.optim.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        step_loss = all_mean(step_loss, world, device)
+        samples += cfg.batch_size
+        window_loss += step_loss
+        losses.append(step_loss)
+
+        val_loss = None
+        if val_set and (step % cfg.log.val_every == 0 or step == cfg.max_steps):
+            transformer.eval()
+            val_gen = torch.Generator().manual_seed(cfg.seed + 10_000)  # the same noise at every evaluation
+            with torch.no_grad():
+                val_loss = sum(float(compute_loss(transformer, vae, b, prompt, cfg, val_gen, device, autocast))
+                               for b in val_set) / len(val_set)
+            val_loss = all_mean(val_loss, world, device)
+            transformer.train()
+
+        if step % cfg.log.every == 0 or step == cfg.max_steps or val_loss is not None:
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = (step - 1) % cfg.log.every + 1
+            record = {"step": step, "loss": step_loss, "loss_avg": window_loss / steps_in_window,
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "samples_per_s": window_samples * world / elapsed, "memory_gb": memory_gb(device)}
+            if val_loss is not None:
+                record["val_loss"] = val_loss
+            if master:
+                log.write(record)
+                logger.info("step %d/%d  loss %.4f (avg %.4f)  lr %.2e  %.2f samples/s  %.2f GB%s", step,
+                            cfg.max_steps, step_loss, record["loss_avg"], record["lr"], record["samples_per_s"],
+                            record["memory_gb"], f"  validation loss {val_loss:.4f}" if val_loss is not None else "")
+            if step % cfg.log.every == 0:
+                window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
+
+        if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or step == cfg.max_steps:
+            all_states = gather(list(stream_states), world)
+            if master:
+                data = {"world": world, "streams": streams, "batches_done": batches_done, "states": all_states}
+                last_checkpoint = write_checkpoint(store, step, transformer, optimizer, scheduler, generator, prompt,
+                                                   prompt_source, data, samples, cfg)
+                store.prune(cfg.log.keep_checkpoints)
+                logger.info("step %d  checkpoint %s", step, last_checkpoint)
+
+    # 7. What each worker read (disjoint shards across workers), and the summary ------------------------
+    ranks_dir = output_dir / "ranks"
+    ranks_dir.mkdir(exist_ok=True)
+    (ranks_dir / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "step": step,
+                                                             "shards_read": sorted(shards_read)}, indent=2))
+    return {"step": step, "losses": losses, "checkpoint": last_checkpoint}
+

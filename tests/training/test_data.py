@@ -1,0 +1,101 @@
+"""Shard streams: shard lists, disjoint splits, one bucket per batch, exact positions, pairs, S3."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError
+from dreamstereo.sample import read_sample
+from dreamstereo.training.data import (DataConfig, ShardStream, TrainBatches, TrainStage, iter_raw_samples,
+                                       resolve_shards, split_shards, validation_batches)
+from tests.training.shards import write_shards
+
+
+def _cfg(**kw) -> DataConfig:
+    return DataConfig(**{"num_frames": 5, "buckets": [[64, 64]], "shuffle_buffer": 4, "num_workers": 0, **kw})
+
+
+def test_shard_list_from_manifest_brace_pattern_or_tar(raw_shards, tmp_path):
+    folder, keys = raw_shards
+    urls = resolve_shards(folder)
+    assert urls == [f"{folder}/shards/{i:06d}.tar" for i in range(4)]
+    assert resolve_shards(f"{folder}/shards/{{000001..000002}}.tar") == urls[1:3]
+    assert resolve_shards(urls[0]) == urls[:1]
+    assert sorted(k for u in urls for k in (r["__key__"] for r in iter_raw_samples(u))) == sorted(keys)
+    with pytest.raises(StorageError, match="no manifest.json.*brace pattern"):
+        resolve_shards(str(tmp_path))
+
+
+def test_streams_split_shards_disjointly_and_need_one_each():
+    urls = [f"s{i}.tar" for i in range(5)]
+    parts = [split_shards(urls, s, 3) for s in range(3)]
+    assert sorted(sum(parts, [])) == urls and all(parts)
+    with pytest.raises(ValueError, match="2 shard\\(s\\) for 3 data streams"):
+        split_shards(urls[:2], 0, 3)
+
+
+def test_stream_is_endless_deterministic_and_resumes_exactly(raw_shards):
+    urls = resolve_shards(raw_shards[0])
+    stream = ShardStream(urls, _cfg(), batch_size=2, seed=3, stream_id=0)
+    run = [b for _, b in zip(range(10), stream.batches())]  # 10 batches of 2 from 8 samples: several passes
+    assert all(len(b["keys"]) == 2 for b in run)
+    again = [b for _, b in zip(range(10), stream.batches())]
+    assert [b["keys"] for b in run] == [b["keys"] for b in again]
+    assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(run, again))
+    for k in (1, 2, 5):  # from the state after batch k, the stream continues with batch k + 1
+        resumed = [b for _, b in zip(range(3), stream.batches(run[k - 1]["state"]))]
+        assert [b["keys"] for b in resumed] == [b["keys"] for b in run[k:k + 3]]
+        assert all(np.array_equal(a["mask"], b["mask"]) for a, b in zip(resumed, run[k:k + 3]))
+
+
+def test_loader_processes_resume_in_turn(raw_shards):
+    """Two DataLoader processes: resuming at batch n continues the interleaving exactly."""
+    urls = resolve_shards(raw_shards[0])
+    cfg = _cfg(num_workers=2)
+    full = TrainBatches(urls, cfg, batch_size=1, seed=0, rank=0, world=1)
+    run = [b for _, b in zip(range(7), full.loader())]
+    states = list(full.states)
+    for n, batch in enumerate(run[:3], start=1):
+        states[batch["logical"]] = batch["state"]
+    resumed = TrainBatches(urls, cfg, batch_size=1, seed=0, rank=0, world=1, states=states, batches_done=3)
+    assert [b["keys"] for _, b in zip(range(4), resumed.loader())] == [b["keys"] for b in run[3:7]]
+
+
+def test_batches_hold_one_bucket(tmp_path):
+    write_shards(tmp_path / "a", shards=1, per_shard=3, height=64, width=64, frames=5)
+    write_shards(tmp_path / "b", shards=1, per_shard=3, height=64, width=96, frames=5)
+    urls = resolve_shards(str(tmp_path / "a")) + resolve_shards(str(tmp_path / "b"))
+    cfg = _cfg(buckets=[[64, 64], [64, 96]], shuffle_buffer=6)
+    stream = ShardStream(urls, cfg, batch_size=2, seed=0, stream_id=0)
+    shapes = [tuple(b["clean"].shape) for _, b in zip(range(8), stream.batches())]
+    assert {s[2:4] for s in shapes} == {(64, 64), (64, 96)}
+    for s in shapes:
+        assert s[0] == 2 and s[1] == 5
+
+
+def test_stage2_batches_carry_the_stored_pair(pair_shards):
+    folder, _ = pair_shards
+    urls = resolve_shards(folder)
+    stored = {r["__key__"]: read_sample(r, r["__key__"]) for u in urls for r in iter_raw_samples(u)}
+    cfg = _cfg(stage=TrainStage.PAIRS, num_frames=9)
+    (batch,) = validation_batches(urls, cfg, batch_size=2, seed=0, max_batches=1)
+    for i, key in enumerate(batch["keys"]):
+        assert np.array_equal(batch["mask"][i].numpy(), stored[key].mask)  # M1 exactly as generated
+        assert np.array_equal(batch["cond"][i].numpy(), stored[key].warped)  # V1' in
+        assert np.array_equal(batch["clean"][i].numpy(), stored[key].clean)  # V1 as target
+    assert batch["mask"].any()
+
+
+def test_shards_stream_from_s3_over_http(s3_bucket, s3_env, tmp_path):
+    """moto's S3 server on 127.0.0.1: shards and manifest are read over the wire with boto3."""
+    s3 = S3Config(endpoint_url=s3_env)
+    keys = write_shards(None, shards=2, per_shard=2, frames=5, storage=S3Storage(f"s3://{s3_bucket}/raw", s3))
+    urls = resolve_shards(f"s3://{s3_bucket}/raw", s3)
+    assert urls == [f"s3://{s3_bucket}/raw/shards/00000{i}.tar" for i in range(2)]
+    stream = ShardStream(urls, _cfg(s3=s3), batch_size=2, seed=0, stream_id=0)
+    seen = {k for _, b in zip(range(4), stream.batches()) for k in b["keys"]}
+    assert seen == set(keys)
+    assert json.loads(S3Storage(f"s3://{s3_bucket}/raw", s3).read_bytes("manifest.json"))["shards"]
