@@ -1,0 +1,1 @@
+"""Inference: SASI sparse-token DiT and the flow-matching sampler (issue 6)."""
