@@ -66,12 +66,14 @@ class Preset:
     height: int  # pixels, multiple of 16
     width: int
     dtype: str
+    bucket: int  # token counts padded to a multiple of this (about 0.3% of the grid at full size, 1.7% on CPU)
+    repeats: int  # timed rounds after one warm-up round
 
 
 PRESETS = {
-    "cpu": Preset(layers=2, frames=17, height=256, width=384, dtype="float32"),
-    "full": Preset(layers=30, frames=81, height=768, width=1280, dtype="bfloat16"),
-    "tiny": Preset(layers=1, frames=5, height=64, width=96, dtype="float32"),  # smoke test of the script
+    "cpu": Preset(layers=2, frames=17, height=256, width=384, dtype="float32", bucket=32, repeats=2),
+    "full": Preset(layers=30, frames=81, height=768, width=1280, dtype="bfloat16", bucket=256, repeats=3),
+    "tiny": Preset(layers=1, frames=5, height=64, width=96, dtype="float32", bucket=8, repeats=1),  # smoke test of the script
 }
 
 
@@ -134,13 +136,13 @@ def resize_tokens(tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Ten
 
 
 def pbdp_masks() -> dict[str, torch.Tensor]:
-    """Token masks (k = 3) of PBDP ``mask1`` on the synthetic scene and on each Middlebury pair."""
+    """PBDP ``mask1`` ``(1, T, H, W)`` bool of the synthetic scene and of each Middlebury pair."""
     masks = {}
     scene = demo_scene(width=1280, height=768, num_frames=9, seed=0)
     frames, disparity = scene.tensors()
     disparity = disparity * (0.05 * 1280 / float(disparity.max()))  # up to 5% of the width, as bench_warp
     mask1 = double_project(frames, disparity, training_direction()).mask1  # (T, H, W)
-    masks["synthetic"] = token_mask(mask1[None], k=K).tokens
+    masks["synthetic"] = mask1[None]
     if MIDDLEBURY.is_dir():
         from dreamstereo.warp_eval import fill_from_background, find_pairs, load_pair
 
@@ -154,7 +156,7 @@ def pbdp_masks() -> dict[str, torch.Tensor]:
             narrow = disparity * (0.05 * image.shape[-1] / float(disparity.max()))
             for label, scaled in [("", disparity), ("@5%", narrow)]:
                 mask1 = double_project(image, scaled, training_direction()).mask1  # (1, H, W)
-                masks[f"middlebury/{pair.name}{label}"] = token_mask(mask1[None], k=K).tokens  # (1, 1, h, w)
+                masks[f"middlebury/{pair.name}{label}"] = mask1[None]
     return masks
 
 
@@ -164,14 +166,19 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: full on cuda, cpu on cpu")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="override the preset's dtype")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bucket", type=int, default=256, help="token counts padded to a multiple of this")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); on a shared VM 1 thread gives steadier timings")
+    parser.add_argument("--bucket", type=int, default=None, help="pad token counts to a multiple of this "
+                        "(default: the preset's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-write", action="store_true", help="write nothing under benchmarks/results")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
     preset = PRESETS[args.preset or ("full" if args.device == "cuda" else "cpu")]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     layers = args.layers or preset.layers
     dtype_name = args.dtype or preset.dtype
     dtype = getattr(torch, dtype_name)
@@ -181,16 +188,24 @@ def main() -> None:
     latent_shape = (1, 36, grid[0], 2 * grid[1], 2 * grid[2])
     info = machine()
     print(f"SASI DiT: Wan2.1-1.3B width, {layers} block(s), {dtype_name}, {preset.frames}x{preset.height}x"
-          f"{preset.width} px -> token grid {grid} = {total} tokens, {device}; machine: {info}")
+          f"{preset.width} px -> token grid {grid} = {total} tokens, {device} ({torch.get_num_threads()} CPU threads); "
+          f"machine: {info}")
 
+    bucket = args.bucket or preset.bucket
+    repeats = args.repeats or preset.repeats
     masks = {"25.6%": band_mask(grid, PAPER_RETENTION)}
     native = {"25.6%": PAPER_RETENTION}
-    for name, tokens in pbdp_masks().items():
-        native[name] = float(tokens.float().mean())
-        masks[name] = resize_tokens(tokens, grid)
+    retention_by_k = {}  # at each mask's own resolution
+    for name, pixel_mask in pbdp_masks().items():
+        by_k = {k: token_mask(pixel_mask, k=k) for k in range(K + 1)}
+        retention_by_k[name] = {k: result.retention for k, result in by_k.items()}
+        native[name] = by_k[K].retention
+        masks[name] = resize_tokens(by_k[K].tokens, grid)
+        print(f"{name:<22} pixels {tuple(pixel_mask.shape[1:])}, hole fraction {float(pixel_mask.float().mean()):.3f}, "
+              f"token retention at k = 0..{K}: " + ", ".join(f"{r:.3f}" for r in retention_by_k[name].values()))
 
     model = build_model(layers, dtype, device)
-    sparse = SparseWanTransformer(model, SasiConfig(bucket_multiple=args.bucket))
+    sparse = SparseWanTransformer(model, SasiConfig(bucket_multiple=bucket))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(latent_shape, generator=g).to(device, dtype)
     timestep = torch.tensor([1000.0], device=device)
@@ -215,7 +230,7 @@ def main() -> None:
             timed_with.setdefault(computed[name], name)
         for count, name in timed_with.items():
             runs[count] = (lambda t: lambda: sparse(x, timestep, text, t, fill))(masks[name])
-        times = interleaved_ms(runs, repeats=args.repeats, device=device)
+        times = interleaved_ms(runs, repeats=repeats, device=device)
     dense = times["dense"]
     print(f"dense                  {dense['median_ms']:10.1f} ms ({dense['median_ms'] / preset.frames:8.2f} ms/frame, "
           f"min {dense['min_ms']:.1f})   max |sparse(all tokens) - dense| = {max_diff:.2e} (output max {scale:.2f})")
@@ -242,12 +257,14 @@ def main() -> None:
     payload = {
         "machine": info, "device": device, "preset": args.preset or ("full" if device == "cuda" else "cpu"),
         "layers": layers, "dtype": dtype_name, "pixels": [preset.frames, preset.height, preset.width],
-        "token_grid": list(grid), "k": K, "bucket_multiple": args.bucket, "repeats": args.repeats,
+        "token_grid": list(grid), "k": K, "bucket_multiple": bucket, "repeats": repeats,
+        "cpu_threads": torch.get_num_threads(),
         "dense_ms": head["dense_ms"], "sparse_ms": head["sparse_ms"], "retention": head["retention"],
         "speedup": head["speedup"], "max_abs_diff_all_tokens": max_diff, "dense_output_max_abs": scale,
         # What the FLOP model predicts for the full model at 768x1280x81 (80640 tokens), 25.6% kept.
         "flop_model_speedup_full_size_25.6%": dit_flops(80640, 80640, 30)
         / dit_flops(round(PAPER_RETENTION * 80640), 80640, 30),
+        "retention_by_k_native": retention_by_k,
         "rows": rows,
     }
     if args.json is not None:
