@@ -316,7 +316,7 @@ class SparseWanTransformer(nn.Module):
         """The tokens :meth:`forward` would compute for the token mask ``tokens``; see :func:`plan_tokens`."""
         return plan_tokens(tokens, self.config)
 
-    def _check(self, hidden_states, token_mask, fill) -> tuple[int, int, int]:
+    def _check(self, hidden_states, timestep, token_mask, fill) -> tuple[int, int, int]:
         if hidden_states.ndim != 5:
             raise ValueError(f"`hidden_states` must have shape (B, C, F, H, W), got {tuple(hidden_states.shape)}")
         b, c, f, h, w = hidden_states.shape
@@ -333,6 +333,14 @@ class SparseWanTransformer(nn.Module):
             raise ValueError(
                 f"`token_mask` must be a bool tensor of shape (B, F, h, w) = {(b, *grid)} for these latents, "
                 f"got {token_mask.dtype} {tuple(token_mask.shape)}"
+            )
+        if token_mask.device != hidden_states.device:
+            raise ValueError(f"`token_mask` is on {token_mask.device} but `hidden_states` on {hidden_states.device}")
+        n = grid[0] * grid[1] * grid[2]
+        if tuple(timestep.shape) not in ((b,), (b, n)):
+            raise ValueError(
+                f"`timestep` must have shape (B,) = {(b,)} or, per token, (B, N) = {(b, n)}, "
+                f"got {tuple(timestep.shape)}"
             )
         out_channels = self.model.config.out_channels or in_channels
         if tuple(fill.shape) != (b, out_channels, f, h, w):
@@ -372,7 +380,7 @@ class SparseWanTransformer(nn.Module):
             in the batch this is ``fill`` (a copy) and no module of the model runs.
         """
         model = self.model
-        grid = self._check(hidden_states, token_mask, fill)
+        grid = self._check(hidden_states, timestep, token_mask, fill)
         plan = self.plan(token_mask)
         if plan.index.shape[1] == 0:
             return fill.clone()
@@ -391,12 +399,7 @@ class SparseWanTransformer(nn.Module):
         x = _gather_tokens(x, index).contiguous()  # (B, n, dim)
 
         # 3. Condition embedder. Per-token timesteps are gathered like the tokens.
-        if timestep.ndim == 2:
-            if tuple(timestep.shape) != (batch, grid[0] * grid[1] * grid[2]):
-                raise ValueError(
-                    f"a per-token `timestep` must have shape (B, N) = {(batch, grid[0] * grid[1] * grid[2])}, "
-                    f"got {tuple(timestep.shape)}"
-                )
+        if timestep.ndim == 2:  # (B, N)
             ts_seq_len = index.shape[1]
             timestep = timestep.gather(1, index).flatten()  # (B * n,)
         else:

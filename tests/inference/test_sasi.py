@@ -284,8 +284,10 @@ def test_sparse_forward_rejects_bad_input(wan):
         sparse(x[..., :5], timestep, text(1), ones, fill[..., :5])
     with pytest.raises(ValueError, match="channels"):
         sparse(x[:, :16], timestep, text(1), ones, fill)
-    with pytest.raises(ValueError, match="per-token `timestep`"):
+    with pytest.raises(ValueError, match="`timestep`"):
         sparse(x, torch.zeros(1, 44), text(1), ones, fill)
+    with pytest.raises(ValueError, match="`timestep`"):
+        sparse(x, torch.zeros(2), text(1), ones, fill)
 
 
 def test_config_rejects_bad_values():
