@@ -21,7 +21,11 @@ Reported: median ms per DiT forward (and per pixel frame), speed-up = dense / sp
 analytic FLOP ratio (matmuls and attention), and ``max_abs_diff_all_tokens``: sparse with every token kept
 against dense. Top-level ``dense_ms``, ``sparse_ms``, ``retention``, ``speedup`` are those of the 25.6% row.
 
-    python benchmarks/bench_sasi.py [--device cpu|cuda] [--preset cpu|full] [--layers N] [--json OUT]
+Token counts are padded to multiples of 32 (cpu) or 256 (full) tokens. On a shared CPU, ``--threads 1``
+gives steadier timings (docs/benchmarks.md).
+
+    python benchmarks/bench_sasi.py [--device cpu|cuda] [--preset cpu|full|tiny] [--layers N] [--threads N]
+                                    [--repeats N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class Preset:
 PRESETS = {
     "cpu": Preset(layers=2, frames=17, height=256, width=384, dtype="float32", bucket=32, repeats=2),
     "full": Preset(layers=30, frames=81, height=768, width=1280, dtype="bfloat16", bucket=256, repeats=3),
-    "tiny": Preset(layers=1, frames=5, height=64, width=96, dtype="float32", bucket=8, repeats=1),  # smoke test of the script
+    "tiny": Preset(layers=1, frames=5, height=64, width=96, dtype="float32", bucket=8, repeats=1),  # smoke test
 }
 
 
