@@ -1,1 +1,1 @@
-"""Inference: stereo conversion, sparse-token (SASI) inpainting, evaluation."""
+"""Inference: SASI sparse-token DiT, the flow-matching sampler, stereo conversion and evaluation."""
