@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
                    help="depth backend (default: config; oracle reads <video stem>.disparity.npz)")
     p.add_argument("--preview", action="store_true", help="also write <output stem>.preview.png (a contact sheet)")
+    p.add_argument("--checkpoint", metavar="DIR",
+                   help="inpainting model folder (`dreamstereo export` output); without it OpenCV fills the holes")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="LoRA training of the stereo inpainter on shards (Stage 1 or Stage 2)")
@@ -228,8 +230,9 @@ def _cmd_demo(args) -> int:
 
 def _cmd_convert(args) -> int:
     from dreamstereo.config import load_config
-    from dreamstereo.inference.convert import ConvertConfig, convert_video
+    from dreamstereo.inference.convert import ConvertConfig, InpaintMethod, convert_video
     from dreamstereo.media import MediaError
+    from dreamstereo.models.wan_inpaint import WeightsError
     from dreamstereo.stages.depth import DepthWeightsError
 
     overrides = list(args.overrides)
@@ -242,9 +245,14 @@ def _cmd_convert(args) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise MediaError(f"output {args.output!r} is the input")
     preview = Path(args.output).with_suffix(".preview.png") if args.preview else None
+    inpainter = None
     try:
-        convert_video(args.input, args.output, cfg, preview=preview, progress=not args.quiet)
-    except DepthWeightsError as exc:
+        if args.checkpoint and cfg.inpaint is not InpaintMethod.OPENCV:
+            from dreamstereo.inference.inpaint import StereoInpainter
+
+            inpainter = StereoInpainter(args.checkpoint, cfg.model, cfg.device)
+        convert_video(args.input, args.output, cfg, inpainter=inpainter, preview=preview, progress=not args.quiet)
+    except (DepthWeightsError, WeightsError) as exc:
         raise MediaError(str(exc)) from None
     return 0
 

@@ -119,3 +119,12 @@ def s3_auth(s3_server, monkeypatch):
         yield bucket, key["AccessKeyId"], key["SecretAccessKey"]
     finally:
         enforce_after("inf")
+
+
+@pytest.fixture(scope="session")
+def toy_wan_model(tmp_path_factory) -> str:
+    """A Wan2.1-T2V folder at toy size (transformer/ with 16 input channels, vae/; no text encoder: the
+    prompt embedding is then zeros), the real diffusers classes with random weights."""
+    from dreamstereo.toy_models import save_toy_wan
+
+    return save_toy_wan(tmp_path_factory.mktemp("wan-model") / "toy-wan", text_encoder=False)

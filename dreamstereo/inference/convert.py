@@ -24,6 +24,7 @@ import torch
 
 from dreamstereo import __version__, media
 from dreamstereo.config import to_plain
+from dreamstereo.inference.inpaint import InpaintConfig
 from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.stages.gapw import WarpConfig, warp
 from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, inpaint_opencv
@@ -54,6 +55,7 @@ class ConvertConfig:
     window: int = 16  # frames per step (depth, warp, inpainting)
     frames: int = 0  # convert only the first N frames (0: all); the audio is cut to match
     inpaint: InpaintMethod = InpaintMethod.AUTO
+    model: InpaintConfig = dataclasses.field(default_factory=InpaintConfig)  # with --checkpoint (SASI)
     opencv_radius: int = 3  # px, OpenCV inpainting neighbourhood
     feather_px: int = 2  # soft seam outside the hole when blending the inpainted pixels
     crf: int = 18  # H.264 quality of the output
@@ -84,11 +86,11 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
     total = min(info.frames, cfg.frames) if cfg.frames else info.frames
     if cfg.inpaint is InpaintMethod.MODEL and inpainter is None:
         raise media.MediaError("inpaint=model needs --checkpoint DIR (a trained or exported inpainting model)")
+    depth = _depth_source(source, info, cfg)
     if inpainter is None or cfg.inpaint is InpaintMethod.OPENCV:
         inpainter = None
         echo("convert: no inpainting model (--checkpoint): holes are filled with OpenCV's Telea inpainting, a "
              "fallback of lower quality")
-    depth = _depth_source(source, info, cfg)
     direction = cfg.synthesized_eye  # GAPW places view 2 on this side of the input
     disparity_range = DisparityRange(cfg.range_momentum)
     seconds = {"depth": 0.0, "warp": 0.0, "inpaint": 0.0, "encode": 0.0}
@@ -135,7 +137,7 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
     record = {
         "version": __version__, "source": str(source), "output": str(output), "frames": done, "fps": info.fps,
         "input_size": [info.width, info.height], "format": cfg.format.value, "audio_copied": audio,
-        "inpainting": "model" if inpainter else "opencv-telea", "hole_ratio": hole_pixels / max(1, done * info.width
+        "inpainting": _describe(inpainter), "hole_ratio": hole_pixels / max(1, done * info.width
                                                                                              * info.height),
         "ms_per_frame": {k: round(1000 * v / max(done, 1), 2) for k, v in seconds.items()},
         "wall_seconds": round(wall, 2), "config": to_plain(cfg),
@@ -180,3 +182,15 @@ def _preview_tiles(frame, norm, mask, left, right) -> list[tuple[str, np.ndarray
     return [("input", frame), ("disparity", colourize_disparity(norm)), ("holes to inpaint", overlay_mask(
         frame if left is frame else right, mask)), ("left", left), ("right", right),
         ("anaglyph", compose(left[None], right[None], StereoFormat.ANAGLYPH)[0])]
+
+
+def _describe(inpainter) -> str:
+    if inpainter is None:
+        return "opencv-telea"
+    stats = getattr(inpainter, "stats", None)
+    if not stats:
+        return "model"
+    mode = f"SASI k={inpainter.cfg.sasi.k}" if inpainter.cfg.sparse else "dense"
+    frames = max(stats["frames"], 1)
+    return (f"model ({mode}, {inpainter.cfg.steps} step(s), token retention {inpainter.retention():.3f}, "
+            f"DiT {1000 * stats['dit_s'] / frames:.1f} ms/frame, VAE {1000 * stats['vae_s'] / frames:.1f} ms/frame)")

@@ -1,0 +1,76 @@
+"""The inference inpainter (model + SASI + one step) and `convert --checkpoint`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dreamstereo.cli import main
+from dreamstereo.inference.inpaint import InpaintConfig, StereoInpainter
+from dreamstereo.inference.sasi import SasiConfig
+from dreamstereo.media import read_video
+from dreamstereo.scenes import step_scene, write_scene
+
+
+def _clip(t=5, h=32, w=48, seed=0):
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8)
+    mask = np.zeros((t, h, w), bool)
+    mask[:, 10:20, 20:26] = True
+    return frames, mask
+
+
+def test_odd_sizes_come_back_at_their_size(toy_wan_model):
+    inpainter = StereoInpainter(toy_wan_model, InpaintConfig(sasi=SasiConfig(k=1, bucket_multiple=4)))
+    frames, mask = _clip(t=6, h=56, w=72)  # 6 frames (not 1 + 4k), 56 x 72 (not multiples of 16)
+    out = inpainter.inpaint(frames, mask)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+    assert 0 < inpainter.retention() < 1 and inpainter.stats["frames"] == 6
+
+
+def test_sparse_with_every_token_equals_dense(toy_wan_model):
+    frames, mask = _clip()
+    inpainter = StereoInpainter(toy_wan_model, InpaintConfig(sasi=SasiConfig(k=99, bucket_multiple=1)))
+    sparse, dense = inpainter.inpaint(frames, mask, sparse=True), inpainter.inpaint(frames, mask, sparse=False)
+    assert np.abs(sparse.astype(int) - dense.astype(int)).max() <= 1  # one uint8 step of rounding at most
+    assert inpainter.retention() == 1.0
+
+
+def test_windows_get_the_previous_frames_as_context(toy_wan_model):
+    inpainter = StereoInpainter(toy_wan_model, InpaintConfig(overlap=2, sasi=SasiConfig(bucket_multiple=4)))
+    frames, mask = _clip(t=5)
+    first = inpainter(frames, mask)
+    second = inpainter(frames, mask)  # the same window again, now after 2 frames of context
+    assert first.shape == second.shape == frames.shape
+    assert inpainter.stats["frames"] == 5 + 2 + 5  # the context frames went through the model
+    assert not np.array_equal(first, second)  # the context changed the model's input
+
+
+def test_convert_with_a_checkpoint(toy_wan_model, tmp_path, capsys):
+    scene = step_scene(width=64, height=32, d_back=0.0, d_front=6.0, edge=31.5, num_frames=5)
+    video, _ = write_scene(scene, tmp_path / "step.mp4", fps=24)
+    out = tmp_path / "out.mp4"
+    code = main(["-q", "convert", video, str(out), "--depth", "oracle", "--checkpoint", toy_wan_model,
+                 "model.sasi.bucket_multiple=4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "OpenCV" not in captured.out
+    frames, _ = read_video(out)
+    assert frames.shape == (5, 32, 128, 3)
+    record = json.loads((tmp_path / "out.mp4.json").read_text())
+    assert record["inpainting"].startswith("model (SASI k=3, 1 step(s), token retention")
+
+    code = main(["-q", "convert", video, str(tmp_path / "x.mp4"), "--depth", "oracle", "--checkpoint",
+                 str(tmp_path / "no-such-model")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist: provide a local diffusers-format Wan2.1-T2V-1.3B folder" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x.mp4").exists()
+
+
+def test_bad_clip_is_refused(toy_wan_model):
+    inpainter = StereoInpainter(toy_wan_model)
+    frames, mask = _clip()
+    with pytest.raises(ValueError, match="must agree"):
+        inpainter.inpaint(frames, mask[:, :-1])
