@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved transformer (default float32)")
 
+    p = sub.add_parser("evaluate", help="score an inpainting checkpoint on held-out PBDP pairs (dense, SASI, OpenCV)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder (`dreamstereo export` output)")
+    p.add_argument("--shards", required=True, help="a generate output (local or s3://), a brace pattern or a .tar")
+    p.add_argument("--json", metavar="OUT", help="write the report here, plus OUT.md (table) and OUT.png (contact sheet)")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="make a synthetic scene and run the data chain on it")
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
     _add_config_args(p)
@@ -303,8 +309,25 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from dreamstereo.config import load_config
+    from dreamstereo.inference.evaluate import EvaluateConfig, evaluate
+    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.pipeline.io.storage import StorageError
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    if args.json:
+        _check_output_file(args.json)
+    try:
+        evaluate(args.checkpoint, args.shards, cfg, json_out=args.json)
+    except (WeightsError, StorageError, ValueError) as exc:
+        print(f"dreamstereo evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 _COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,
-             "convert": _cmd_convert, "train": _cmd_train, "export": _cmd_export, "demo": _cmd_demo}
+             "convert": _cmd_convert, "evaluate": _cmd_evaluate, "train": _cmd_train, "export": _cmd_export, "demo": _cmd_demo}
 
 if __name__ == "__main__":
     sys.exit(main())

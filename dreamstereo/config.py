@@ -93,11 +93,13 @@ class DemoConfig:
 def schemas() -> dict[str, type]:
     """Folder of ``configs/`` -> the schema its YAML files override (tests load every file against it)."""
     from dreamstereo.inference.convert import ConvertConfig  # these import this module: resolve late
+    from dreamstereo.inference.evaluate import EvaluateConfig
     from dreamstereo.pipeline.job import GenerateConfig
     from dreamstereo.training.config import TrainConfig
 
     return {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig, "process": ProcessConfig,
-            "generate": GenerateConfig, "convert": ConvertConfig, "train": TrainConfig}
+            "generate": GenerateConfig, "convert": ConvertConfig, "evaluate": EvaluateConfig,
+            "train": TrainConfig}
 
 
 def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> T:

@@ -94,3 +94,35 @@ def psnr(image, reference, valid=None) -> float:
     Returns ``inf`` for identical inputs and ``nan`` with no valid pixel; see :func:`squared_error`.
     """
     return psnr_from_error(*squared_error(image, reference, valid))
+
+
+SSIM_C1, SSIM_C2 = 0.01 ** 2, 0.03 ** 2  # Wang et al. 2004, for values in [0, 1]
+
+
+def ssim_map(image, reference, sigma: float = 1.5) -> np.ndarray:
+    """Per-pixel SSIM (Wang et al. 2004: Gaussian window, sigma 1.5, K1 0.01, K2 0.03) of two
+    ``(..., H, W, 3)`` images in [0, 1], averaged over channels: ``(..., H, W)`` float64."""
+    a, b = _np(image).astype(np.float64), _np(reference).astype(np.float64)
+    if a.shape != b.shape or a.shape[-1] != 3:
+        raise ValueError(f"`image` {a.shape} and `reference` {b.shape} must share a (..., H, W, 3) shape")
+    lead = a.shape[:-3]
+    a, b = a.reshape(-1, *a.shape[-3:]), b.reshape(-1, *b.shape[-3:])
+
+    def blur(x):
+        return np.stack([cv2.GaussianBlur(f, (0, 0), sigma, borderType=cv2.BORDER_REFLECT) for f in x])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim = ((2 * mu_a * mu_b + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_a ** 2 + mu_b ** 2 + SSIM_C1) * (var_a + var_b + SSIM_C2))
+    return ssim.mean(axis=-1).reshape(*lead, *a.shape[-3:-1])
+
+
+def ssim(image, reference, valid=None) -> float:
+    """Mean SSIM of ``(..., H, W, 3)`` images in [0, 1] over pixels where ``valid`` (``(..., H, W)``);
+    nan with no valid pixel."""
+    values = ssim_map(image, reference)
+    if valid is not None:
+        values = values[_np(valid).astype(bool)]
+    return float(values.mean()) if values.size else math.nan

@@ -53,3 +53,23 @@ def test_psnr_on_valid_pixels_only():
     hwc = img.permute(0, 2, 3, 1)
     assert metrics.psnr(hwc, ref.permute(0, 2, 3, 1)) == pytest.approx(10 * math.log10(4))
     assert math.isnan(metrics.psnr(img, ref, torch.zeros_like(valid)))
+
+
+def test_ssim_exact_cases():
+    from dreamstereo.stages.metrics import SSIM_C1, ssim, ssim_map
+
+    a = np.full((2, 16, 16, 3), 0.25)
+    b = np.full((2, 16, 16, 3), 0.75)
+    # Constant images: the variance terms are C2 / C2, SSIM is the luminance term exactly.
+    expected = (2 * 0.25 * 0.75 + SSIM_C1) / (0.25 ** 2 + 0.75 ** 2 + SSIM_C1)
+    assert np.allclose(ssim_map(a, b), expected) and ssim_map(a, b).shape == (2, 16, 16)
+    rng = np.random.default_rng(0)
+    x = rng.random((16, 16, 3))
+    assert ssim(x, x) == pytest.approx(1.0)
+    noisy = np.clip(x + rng.normal(0, 0.05, x.shape), 0, 1)
+    noisier = np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1)
+    assert 1.0 > ssim(noisy, x) > ssim(noisier, x)
+    valid = np.zeros((16, 16), bool)
+    assert np.isnan(ssim(noisy, x, valid))
+    valid[:4] = True
+    assert ssim(noisy, x, valid) == pytest.approx(ssim_map(noisy, x)[:4].mean())
