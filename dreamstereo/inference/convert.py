@@ -4,7 +4,8 @@ Per window of frames: depth (oracle sidecar or a depth model) -> disparity in pi
 range for the whole video -> the other eye by GAPW backward warping with its hole mask -> the holes
 inpainted (the SASI model when a checkpoint is given; otherwise OpenCV's Telea inpainting, announced as
 a fallback) -> blended into the warped view -> packed as side-by-side, top-bottom or anaglyph ->
-H.264. The source's audio is copied into the result. The output file appears only when complete, with
+H.264. With the model, consecutive windows overlap by ``overlap`` frames: those frames are inpainted by
+both windows and the two results cross-faded linearly, so no seam shows; each frame is written once. The source's audio is copied into the result. The output file appears only when complete, with
 ``<output>.json`` beside it (resolved config, timings, what filled the holes).
 """
 
@@ -27,7 +28,7 @@ from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
 from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity, parse_sidecar
 from dreamstereo.stages.gapw import WarpConfig, warp
-from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, inpaint_opencv
+from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
 from dreamstereo.types import Direction, SampleError
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,8 @@ class ConvertConfig:
     convergence: float = 0.0  # normalised disparity on the screen plane (0: the far plane)
     range_momentum: float = 0.8  # smoothing of the disparity range across windows (DisparityRange)
     warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
-    window: int = 16  # frames per step (depth, warp, inpainting)
+    window: int = 17  # new frames per step (depth, warp, inpainting)
+    overlap: int = 4  # model only: a window also re-inpaints the previous one's last frames; cross-faded there
     frames: int = 0  # convert only the first N frames (0: all); the audio is cut to match
     inpaint: InpaintMethod = InpaintMethod.AUTO
     model: InpaintConfig = dataclasses.field(default_factory=InpaintConfig)  # with --checkpoint (SASI)
@@ -66,8 +68,9 @@ class ConvertConfig:
             raise ValueError(f"max_disparity must be in (0, 0.5), got {self.max_disparity}")
         if not 0.0 <= self.convergence <= 1.0:
             raise ValueError(f"convergence must be in [0, 1], got {self.convergence}")
-        if self.window < 1 or self.frames < 0:
-            raise ValueError(f"need window >= 1 and frames >= 0, got window={self.window}, frames={self.frames}")
+        if self.window < 1 or self.frames < 0 or not 0 <= self.overlap < self.window:
+            raise ValueError(f"need window >= 1, frames >= 0 and 0 <= overlap < window, got window={self.window}, "
+                             f"frames={self.frames}, overlap={self.overlap}")
 
 
 def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *, inpainter: Inpainter | None = None,
@@ -93,13 +96,26 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
              "fallback of lower quality")
     direction = cfg.synthesized_eye  # GAPW places view 2 on this side of the input
     disparity_range = DisparityRange(cfg.range_momentum)
+    overlap = cfg.overlap if inpainter else 0  # OpenCV fills frame by frame: nothing to join
     seconds = {"depth": 0.0, "warp": 0.0, "inpaint": 0.0, "encode": 0.0}
-    sheet_tiles, done, hole_pixels = None, 0, 0
+    sheet_tiles, done, written, hole_pixels = None, 0, 0, 0
+    pending = None  # the last `overlap` frames of the previous window: (frames, synth, mask, filled), not written
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dreamstereo-convert-") as tmp:
         picture = Path(tmp) / "video.mp4"
         with media.VideoWriter(picture, info.fps, crf=cfg.crf) as writer, \
                 tqdm(total=total, unit="frame", desc="convert", disable=not progress) as bar:
+
+            def emit(frames, synth, mask, filled):
+                nonlocal written
+                t0 = time.perf_counter()
+                synth = blend(synth, filled, mask, cfg.feather_px)
+                left, right = (frames, synth) if direction is Direction.RIGHT else (synth, frames)
+                writer.write(compose(left, right, cfg.format))
+                seconds["encode"] += time.perf_counter() - t0
+                written += len(frames)
+                return left, right
+
             for frames in media.iter_video(source, chunk_frames=cfg.window):
                 frames = frames[:total - done]
                 if not len(frames):
@@ -114,19 +130,29 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
                 synth = media.to_uint8(view.permute(0, 2, 3, 1).numpy())
                 mask = mask.numpy()
                 t2 = time.perf_counter()
-                filled = inpainter(synth, mask) if inpainter else inpaint_opencv(synth, mask, cfg.opencv_radius)
-                synth = blend(synth, filled, mask, cfg.feather_px)
-                t3 = time.perf_counter()
-                left, right = (frames, synth) if direction is Direction.RIGHT else (synth, frames)
-                writer.write(compose(left, right, cfg.format))
-                t4 = time.perf_counter()
-                for key, value in zip(seconds, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                    seconds[key] += value
+                if inpainter is None:
+                    filled = inpaint_opencv(synth, mask, cfg.opencv_radius)
+                elif pending is None:
+                    filled = inpainter(synth, mask)
+                else:  # the window starts `overlap` frames early; the two predictions there are cross-faded
+                    frames, synth, mask = (np.concatenate([a, b]) for a, b in zip(pending[:3], (frames, synth, mask)))
+                    filled = inpainter(synth, mask)
+                    filled[:len(pending[3])] = crossfade(pending[3], filled[:len(pending[3])])
+                seconds["depth"] += t1 - t0
+                seconds["warp"] += t2 - t1
+                seconds["inpaint"] += time.perf_counter() - t2
+                hole_pixels += int(mask[0 if pending is None else len(pending[3]):].sum())
+                keep = min(overlap, len(frames) - 1) if overlap else 0
+                left, right = emit(frames[:len(frames) - keep], synth[:len(frames) - keep],
+                                   mask[:len(frames) - keep], filled[:len(frames) - keep])
                 if sheet_tiles is None and preview:
                     sheet_tiles = _preview_tiles(frames[0], norm[0], mask[0], left[0], right[0])
-                hole_pixels += int(mask.sum())
-                done += len(frames)
-                bar.update(len(frames))
+                pending = (frames[-keep:], synth[-keep:], mask[-keep:], filled[-keep:]) if keep else None
+                done += len(relative)
+                bar.update(len(relative))
+            if pending is not None:
+                emit(*pending)
+        assert written == done, (written, done)  # every frame once: no frame lost or repeated at a seam
         t0 = time.perf_counter()
         audio = media.mux_audio(picture, source, output, seconds=done / info.fps)
         if not audio:

@@ -10,12 +10,10 @@ VAE and the stored empty-prompt embedding once; ``inpaint(frames, mask)`` fills 
 3. SASI (``sparse=True``): the tokens touching the dilated hole mask go through the DiT, every other token
    keeps the masked-video latent; or the dense DiT on every token;
 4. one flow-matching step from pure noise (NFE = 1; ``steps`` > 1 for a few Euler steps);
-5. VAE decode; crop the padding. Callers blend the result into the warped view with the GAPW mask.
+5. VAE decode (or a lighter decoder given as ``decoder``); crop the padding. Callers blend the result
+   into the warped view with the GAPW mask (``dreamstereo convert`` also cross-fades overlapping windows).
 
-Calling the inpainter (``__call__``) on consecutive windows of one video (``dreamstereo convert``) gives
-each window the last ``overlap`` frames of the previous one again, already filled and marked known, as
-context: the model continues from what it produced, so windows join without a visible seam; those
-frames' outputs are discarded. Timings (DiT, VAE) and token retention are accumulated in ``stats``.
+Timings (DiT, VAE) and token retention are accumulated in ``stats``.
 """
 
 from __future__ import annotations
@@ -42,12 +40,11 @@ class InpaintConfig:
     shift: float = 1.0  # sigma schedule shift for steps > 1
     seed: int = 0  # noise seed (the same clip gives the same output)
     dtype: str = "float32"  # bfloat16 on a GPU
-    overlap: int = 4  # frames of the previous window given again as context (convert)
+    decoder: str | None = None  # a lighter AutoencoderKLWan folder (same latent space) for decoding; None: the VAE
 
     def __post_init__(self):
-        if self.steps < 1 or self.overlap < 0:
-            raise ValueError(f"inpaint: need steps >= 1 and overlap >= 0, got steps={self.steps}, "
-                             f"overlap={self.overlap}")
+        if self.steps < 1:
+            raise ValueError(f"inpaint.steps must be >= 1, got {self.steps}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"inpaint.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -67,12 +64,15 @@ class StereoInpainter:
         dtype = getattr(torch, self.cfg.dtype)
         self.transformer = wan.load_inpaint_model(model_dir, dtype=dtype, device=device).eval()
         self.vae = wan.load_vae(model_dir, dtype=dtype, device=device)
+        self.decoder = wan.load_vae(self.cfg.decoder, dtype=dtype, device=device) if self.cfg.decoder else self.vae
+        if self.decoder.config.z_dim != self.vae.config.z_dim:
+            raise wan.WeightsError(f"decoder {self.cfg.decoder!r} has {self.decoder.config.z_dim} latent channels, "
+                                   f"the model's VAE {self.vae.config.z_dim}: it must decode the same latents")
         prompt, self.prompt_source = wan.resolve_prompt_embedding(model_dir, self.transformer.config.text_dim,
                                                                   device=device)
         self.prompt = prompt.to(self.device, dtype)
         self.sparse_model = SparseWanTransformer(self.transformer, self.cfg.sasi)
         self.stats = {"frames": 0, "dit_s": 0.0, "vae_s": 0.0, "tokens": 0, "tokens_kept": 0}
-        self._context: tuple[np.ndarray, np.ndarray] | None = None  # (filled frames, their count)
 
     @torch.no_grad()
     def inpaint(self, frames: np.ndarray, mask: np.ndarray, *, sparse: bool | None = None) -> np.ndarray:
@@ -117,7 +117,7 @@ class StereoInpainter:
         latents = sample(velocity, noise, condition, flow_sigmas(self.cfg.steps, self.cfg.shift))
         _sync(self.device)
         t2 = time.perf_counter()
-        out = wan.decode_latents(self.vae, latents)
+        out = wan.decode_latents(self.decoder, latents)
         _sync(self.device)
         t3 = time.perf_counter()
         grid = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
@@ -130,18 +130,7 @@ class StereoInpainter:
         return pixels[:t, :h, :w]
 
     def __call__(self, frames: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """:meth:`inpaint` for consecutive windows of one video, with the previous window's last frames as
-        known context (see the module docstring)."""
-        keep = self.cfg.overlap
-        if self._context is not None and keep:
-            context = self._context
-            filled = self.inpaint(np.concatenate([context, frames]),
-                                  np.concatenate([np.zeros(context.shape[:3], bool), mask]))[len(context):]
-        else:
-            filled = self.inpaint(frames, mask)
-        done = np.where(mask[..., None], filled, frames)
-        self._context = done[-keep:] if keep else None
-        return filled
+        return self.inpaint(frames, mask)
 
     def retention(self) -> float:
         return self.stats["tokens_kept"] / max(self.stats["tokens"], 1)

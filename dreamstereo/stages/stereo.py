@@ -67,6 +67,17 @@ def blend(base: np.ndarray, fill: np.ndarray, mask: np.ndarray, feather_px: int 
     return np.round(fill * alpha + base * (1.0 - alpha)).astype(np.uint8)
 
 
+def crossfade(previous: np.ndarray, current: np.ndarray) -> np.ndarray:
+    """Join two predictions of the same ``n`` frames (the overlap of consecutive windows): frame ``i`` takes
+    ``(i + 1) / (n + 1)`` of ``current`` and the rest of ``previous``, so the result leaves the previous
+    window and arrives at the current one in equal steps."""
+    if previous.shape != current.shape:
+        raise ValueError(f"overlap predictions differ in shape: {previous.shape} and {current.shape}")
+    n = len(previous)
+    weight = (np.arange(1, n + 1, dtype=np.float32) / (n + 1)).reshape(n, *([1] * (previous.ndim - 1)))
+    return np.round(previous * (1 - weight) + current * weight).astype(previous.dtype)
+
+
 class DisparityRange:
     """A running [lo, hi] of relative disparity over the windows of one video, so that windows share one
     baseline: the 1st/99th percentiles of each window, smoothed by an exponential moving average

@@ -38,14 +38,42 @@ def test_sparse_with_every_token_equals_dense(toy_wan_model):
     assert inpainter.retention() == 1.0
 
 
-def test_windows_get_the_previous_frames_as_context(toy_wan_model):
-    inpainter = StereoInpainter(toy_wan_model, InpaintConfig(overlap=2, sasi=SasiConfig(bucket_multiple=4)))
-    frames, mask = _clip(t=5)
-    first = inpainter(frames, mask)
-    second = inpainter(frames, mask)  # the same window again, now after 2 frames of context
-    assert first.shape == second.shape == frames.shape
-    assert inpainter.stats["frames"] == 5 + 2 + 5  # the context frames went through the model
-    assert not np.array_equal(first, second)  # the context changed the model's input
+def test_a_lighter_decoder_decodes_the_same_latents(toy_wan_model, tmp_path):
+    from diffusers import AutoencoderKLWan
+
+    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.toy_models import wan_vae_config
+
+    frames, mask = _clip()
+    lighter = {**wan_vae_config(), "base_dim": 4}  # half the width, the same 16 latent channels
+    AutoencoderKLWan(**lighter).save_pretrained(tmp_path / "light")
+    base = StereoInpainter(toy_wan_model).inpaint(frames, mask)
+    light = StereoInpainter(toy_wan_model, InpaintConfig(decoder=str(tmp_path / "light")))
+    assert sum(p.numel() for p in light.decoder.parameters()) < sum(p.numel() for p in light.vae.parameters())
+    out = light.inpaint(frames, mask)
+    assert out.shape == base.shape and not np.array_equal(out, base)  # decoded by the other network
+    AutoencoderKLWan(**{**wan_vae_config(), "z_dim": 8}).save_pretrained(tmp_path / "other")
+    with pytest.raises(WeightsError, match="same latents"):
+        StereoInpainter(toy_wan_model, InpaintConfig(decoder=str(tmp_path / "other")))
+
+
+def test_convert_windows_overlap_without_losing_or_repeating_frames(toy_wan_model, tmp_path, capsys):
+    scene = step_scene(width=32, height=32, d_back=0.0, d_front=6.0, edge=15.5, num_frames=11)
+    video, _ = write_scene(scene, tmp_path / "long.mp4", fps=24)
+    code = main(["-q", "convert", video, str(tmp_path / "o.mp4"), "--depth", "oracle", "--checkpoint",
+                 toy_wan_model, "window=5", "overlap=2", "model.sasi.bucket_multiple=4"])
+    assert code == 0, capsys.readouterr().err
+    frames, _ = read_video(tmp_path / "o.mp4")
+    source, _ = read_video(video)
+    assert len(frames) == 11  # windows of 5 new frames (+2 re-inpainted) over 11 frames: each written once
+    assert np.abs(frames[..., :32, :].astype(int) - source).mean() < 3  # in order: the left eye is the input
+
+
+def test_crossfade_weights():
+    from dreamstereo.stages.stereo import crossfade
+
+    previous, current = np.zeros((3, 1, 1, 1), np.uint8), np.full((3, 1, 1, 1), 200, np.uint8)
+    assert crossfade(previous, current).ravel().tolist() == [50, 100, 150]
 
 
 def test_convert_with_a_checkpoint(toy_wan_model, tmp_path, capsys):
