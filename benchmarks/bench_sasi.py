@@ -115,6 +115,22 @@ def interleaved_ms(runs: dict, *, repeats: int, device: str) -> dict:
     return {key: {"min_ms": min(v), "median_ms": statistics.median(v)} for key, v in samples.items()}
 
 
+def vae_times(preset: Preset, dtype: torch.dtype, device: str, repeats: int) -> dict:
+    """Median ms of the Wan2.1 VAE (published configuration, random weights) encoding a clip of the preset's
+    size and decoding its latent: the two VAE passes around one SASI step."""
+    from diffusers import AutoencoderKLWan
+
+    from dreamstereo.toy_models import wan_vae_config
+
+    vae = AutoencoderKLWan(**wan_vae_config(published_size=True)).to(device, dtype).eval()
+    video = torch.rand(1, 3, preset.frames, preset.height, preset.width, device=device, dtype=dtype) * 2 - 1
+    with torch.inference_mode():
+        latent = vae.encode(video).latent_dist.mode()
+        times = interleaved_ms({"encode": lambda: vae.encode(video).latent_dist.mode(),
+                                "decode": lambda: vae.decode(latent).sample}, repeats=repeats, device=device)
+    return {"encode_ms": times["encode"]["median_ms"], "decode_ms": times["decode"]["median_ms"]}
+
+
 def dit_flops(kept: int, total: int, layers: int) -> float:
     """Matmul + attention FLOPs of one DiT forward on ``kept`` of ``total`` tokens (Wan2.1-1.3B width)."""
     dim, ffn, c_in, patch = WAN21_1_3B["num_attention_heads"] * 128, WAN21_1_3B["ffn_dim"], 36, 4
@@ -175,6 +191,9 @@ def main() -> None:
                         help="CPU threads (torch.set_num_threads); on a shared VM 1 thread gives steadier timings")
     parser.add_argument("--bucket", type=int, default=None, help="pad token counts to a multiple of this "
                         "(default: the preset's)")
+    parser.add_argument("--e2e", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the Wan2.1 VAE (published size, random weights): encode of the masked video "
+                             "and decode, for end-to-end ms/frame (default: on with CUDA)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     parser.add_argument("--no-write", action="store_true", help="write nothing under benchmarks/results")
     args = parser.parse_args()
@@ -258,6 +277,16 @@ def main() -> None:
               f"FLOP model {row['flop_model_speedup']:5.2f}x)")
 
     head = rows[0]
+    e2e = None
+    if args.e2e if args.e2e is not None else device == "cuda":
+        e2e = vae_times(preset, dtype, device, repeats)
+        per_frame = (e2e["encode_ms"] + head["sparse_ms"] + e2e["decode_ms"]) / preset.frames
+        e2e.update({"end_to_end_ms_per_frame": per_frame,
+                    "end_to_end_dense_ms_per_frame": (e2e["encode_ms"] + dense["median_ms"] + e2e["decode_ms"])
+                    / preset.frames})
+        print(f"VAE (Wan2.1 size, random weights): encode {e2e['encode_ms']:.1f} ms, decode {e2e['decode_ms']:.1f} ms; "
+              f"end to end at 25.6% (encode + sparse DiT with {layers} blocks + decode): {per_frame:.2f} ms/frame "
+              f"(dense: {e2e['end_to_end_dense_ms_per_frame']:.2f})")
     payload = {
         "machine": info, "device": device, "preset": args.preset or ("full" if device == "cuda" else "cpu"),
         "layers": layers, "dtype": dtype_name, "pixels": [preset.frames, preset.height, preset.width],
@@ -269,6 +298,7 @@ def main() -> None:
         "flop_model_speedup_full_size_25.6%": dit_flops(80640, 80640, 30)
         / dit_flops(round(PAPER_RETENTION * 80640), 80640, 30),
         "retention_by_k_native": retention_by_k,
+        "vae": e2e,
         "rows": rows,
     }
     if args.json is not None:

@@ -230,7 +230,7 @@ def _cmd_demo(args) -> int:
     result = run_demo(args.out, cfg)
     print(f"demo: videos in {args.out}/videos, double projection in {args.out}/pbdp (open preview.png), "
           f"shards in {args.out}/shards ({result['generate']['samples']} samples); "
-          f"a sample read back: {args.out}/sample-preview.png")
+          f"a sample read back: {args.out}/sample-preview.png; a stereo video: {args.out}/stereo.mp4")
     return 1 if result["generate"]["failed_shards"] else 0
 
 

@@ -201,7 +201,9 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
     1. ``videos/``: ``cfg.num_videos`` synthetic scenes (mp4 + disparity sidecar) and one corrupt file;
     2. ``pbdp/``: a double projection of the first scene, scored against its analytic mask;
     3. ``shards/``: ``dreamstereo generate`` with the oracle backend on a local Ray (WebDataset shards,
-       parquet, stats, ``manifest.json``), and ``sample-preview.png`` from a sample read back.
+       parquet, stats, ``manifest.json``), and ``sample-preview.png`` from a sample read back;
+    4. ``stereo.mp4``: ``dreamstereo convert`` of the first scene, side by side (holes filled by OpenCV: the
+       demo has no trained model), with ``stereo.preview.png``.
 
     Training pairs round-trip through the view opposite to ``cfg.synthesized_eye``. Returns a summary.
     """
@@ -238,8 +240,15 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
         media.write_image(out_dir / "sample-preview.png", preview.contact_sheet([
             ("clean V1", first.clean[0]), ("disparity", preview.colourize_disparity(first.disparity[0])),
             ("round trip V1'", first.warped[0]), ("mask M1", preview.overlay_mask(first.clean[0], first.mask[0]))]))
+    from dreamstereo.inference.convert import ConvertConfig, convert_video
+
+    convert_cfg = ConvertConfig(warp=cfg.warp, max_disparity=0.05)
+    convert_cfg.depth.backend = DepthBackendName.ORACLE
+    stereo = convert_video(video, out_dir / "stereo.mp4", convert_cfg, preview=out_dir / "stereo.preview.png",
+                           echo=echo, progress=False)
     result = {"command": "demo", "version": __version__, "config_hash": config_hash(cfg),
-              "direction": direction.value, "mask1_iou_vs_analytic": iou, "pbdp": manifest, "generate": summary}
+              "direction": direction.value, "mask1_iou_vs_analytic": iou, "pbdp": manifest, "generate": summary,
+              "convert": {k: stereo[k] for k in ("output", "frames", "format", "hole_ratio", "ms_per_frame")}}
     media.write_text(out_dir / "config.yaml", to_yaml(cfg))
     media.write_text(out_dir / "manifest.json", json.dumps(result, indent=2))
     return result

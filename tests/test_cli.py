@@ -176,6 +176,8 @@ def test_demo_runs_the_data_side_end_to_end(capsys, tmp_path):
     assert (out / "pbdp" / "preview.png").is_file() and (out / "config.yaml").is_file()
     assert (out / "shards" / "manifest.json").is_file() and (out / "shards" / "_run_config.yaml").is_file()
     assert summary["samples"] == 0 or (out / "sample-preview.png").is_file()
+    frames, _ = media.read_video(out / "stereo.mp4")  # the first scene converted, side by side
+    assert frames.shape[1:] == (96, 320, 3) and (out / "stereo.preview.png").is_file()
 
 
 def test_console_script_is_installed():
