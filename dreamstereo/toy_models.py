@@ -86,7 +86,7 @@ def wan_transformer_config(*, published_size: bool = False) -> dict:
                     cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
     return dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=48, in_channels=16, out_channels=16,
                 text_dim=16, freq_dim=16, ffn_dim=128, num_layers=2, cross_attn_norm=True,
-                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32)
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)  # 1280 px = 80 positions
 
 
 def wan_vae_config(*, published_size: bool = False) -> dict:

@@ -126,13 +126,14 @@ def test_bad_inputs_end_with_one_line(step_video, tmp_path, capsys):
 
 
 @pytest.mark.realdata
-def test_real_video_keeps_its_audio(tiny_dav2, tmp_path, capsys):
+@pytest.mark.slow
+def test_real_video_keeps_its_audio(tiny_dav2, toy_wan_model, tmp_path, capsys):
     video = SHARED_DATA / "videos" / "01_dog.mp4"
     if not video.is_file():
         pytest.skip(f"real videos not found at {video.parent} (set DREAMSTEREO_SHARED_DATA)")
     out = tmp_path / "dog-sbs.mp4"
     code, captured = _run(capsys, "convert", str(video), str(out), "--depth", "depth-anything-v2",
-                          f"depth.weights={tiny_dav2}", "frames=5", "window=5")
+                          f"depth.weights={tiny_dav2}", "--checkpoint", toy_wan_model, "frames=5", "window=5")
     assert code == 0, captured.err
     with av.open(str(out)) as container:
         v, a = container.streams.video[0], container.streams.audio[0]
@@ -140,4 +141,5 @@ def test_real_video_keeps_its_audio(tiny_dav2, tmp_path, capsys):
         assert a.codec_context.name == "aac" and a.frames > 0
         audio_seconds = float(a.duration * a.time_base)
     assert audio_seconds == pytest.approx(5 / 29.97, abs=0.1)  # the audio is cut to the converted frames
-    assert json.loads((tmp_path / "dog-sbs.mp4.json").read_text())["audio_copied"] is True
+    record = json.loads((tmp_path / "dog-sbs.mp4.json").read_text())
+    assert record["audio_copied"] is True and record["inpainting"].startswith("model (SASI")
