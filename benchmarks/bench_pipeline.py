@@ -27,8 +27,11 @@ from dreamstereo.scenes import demo_scene, write_scene  # noqa: E402
 from dreamstereo.stages.depth import DepthBackendName  # noqa: E402
 
 
+SHARD_SIZE = 2  # clips per shard (one clip per video)
+
+
 def make_config(frames: int, height: int, width: int, pair_actors: int) -> GenerateConfig:
-    cfg = GenerateConfig(shard_size=2)
+    cfg = GenerateConfig(shard_size=SHARD_SIZE)
     cfg.process.depth.backend = DepthBackendName.ORACLE
     cfg.process.decode.clip_frames = frames
     cfg.process.decode.max_clips = 1
@@ -75,12 +78,15 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     baseline = single_process(videos, make_config(args.frames, height, width, 1))
-    runs = {}
+    runs, steady = {}, {}
     for actors in (1, 2):
+        commits = []  # when each shard committed: the rate between the first and the last is the steady state
         start = time.perf_counter()
         summary = run_generate(str(tmp / "videos"), str(tmp / f"out-{actors}"),
-                               make_config(args.frames, height, width, actors), echo=lambda *_: None)
+                               make_config(args.frames, height, width, actors),
+                               echo=lambda line: commits.append(time.perf_counter()) if "committed (" in line else None)
         runs[actors] = time.perf_counter() - start
+        steady[actors] = (len(commits) - 1) * SHARD_SIZE / (commits[-1] - commits[0])
         assert summary["samples"] + summary["rejected"] == args.videos, summary
     ray.shutdown()
     clips = args.videos
@@ -92,12 +98,17 @@ def main() -> None:
         print(f"  Ray, {actors} pair actor(s): {clips / seconds:6.2f} clips/s ({seconds:.1f} s)")
     print(f"  overhead (Ray x1 / loop): {runs[1] / baseline:.2f}x   (goal <= 1.15x)")
     print(f"  scaling  (Ray x1 / Ray x2): {runs[1] / runs[2]:.2f}x   (goal >= 1.8x)")
+    print(f"  steady state (first to last shard commit): x1 {steady[1]:.2f} clips/s, x2 {steady[2]:.2f} clips/s; "
+          f"overhead {clips / baseline / steady[1]:.2f}x, scaling {steady[2] / steady[1]:.2f}x")
     print(f"  peak memory of the driver: {peak_mb:.0f} MB")
     if not args.no_write:
         path = write_result("pipeline", {"machine": info, "clips": clips, "frames": args.frames,
                                          "size": [height, width], "single_process_s": baseline,
                                          "ray_s": {str(k): v for k, v in runs.items()},
                                          "overhead": runs[1] / baseline, "scaling": runs[1] / runs[2],
+                                         "steady_clips_per_s": {str(k): v for k, v in steady.items()},
+                                         "steady_overhead": clips / baseline / steady[1],
+                                         "steady_scaling": steady[2] / steady[1],
                                          "driver_peak_mb": peak_mb})
         print(f"wrote {path}")
 
