@@ -4,8 +4,9 @@ Order of work: check the output (fail fast) -> read the input list -> split it i
 shards already committed (their stats file exists) -> stream the pending inputs through the Ray Data
 graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool -> ``write`` tasks staging each kept
 sample in the output) -> the driver routes the records (no sample bytes) to their shard and starts a
-commit task (tar, parquet, stats last) as soon as all its inputs are accounted for -> ``manifest.json`` lists the committed shards and the run summary. Rerunning the same command
-skips committed shards and redoes partial ones, so nothing is duplicated and nothing is lost.
+commit task (tar, parquet, stats last) as soon as all its inputs are accounted for -> ``manifest.json``
+lists the committed shards and the run summary. Rerunning the same command skips committed shards and
+redoes partial ones, so nothing is duplicated and nothing is lost.
 """
 
 from __future__ import annotations
