@@ -3,8 +3,10 @@
 CPU: the toy Wan (``toy_models.wan_transformer_config``) and toy VAE on 9 x 64 x 64 clips, steps/s with and
 without gradient checkpointing, and with the mask-weighted loss against the plain one, all in one run (so
 the ratios are the reliable figures on a shared machine). With CUDA: the published Wan2.1-T2V-1.3B
-transformer layout with random bf16 weights, LoRA rank 32, gradient checkpointing, 480 x 832 x 49 frames,
-batch 1: seconds per step and peak memory (the VAE is the published layout too, random weights, fp32).
+transformer layout with random weights, set up as ``train()`` sets it up on a GPU: fp32 master weights, bf16
+autocast (``precision=auto``), LoRA rank 32, gradient checkpointing, the optimizer of the run; 480 x 832 x 49
+frames, batch 1: seconds per step and peak memory (the VAE is the published layout too, random weights,
+fp32, as ``model.vae_bf16=false``).
 
     python benchmarks/bench_train.py [--steps 10] [--warmup 3] [--no-write]
 """
@@ -25,7 +27,7 @@ from common import machine, write_result  # noqa: E402
 from dreamstereo.models import wan_inpaint as wan  # noqa: E402
 from dreamstereo.toy_models import save_toy_wan, wan_transformer_config, wan_vae_config  # noqa: E402
 from dreamstereo.training.config import FlowConfig, TrainConfig  # noqa: E402
-from dreamstereo.training.train import compute_loss  # noqa: E402
+from dreamstereo.training.train import clip_grads, compute_loss, make_optimizer  # noqa: E402
 
 
 def _batch(frames: int, height: int, width: int, batch: int, seed: int = 0) -> dict:
@@ -39,7 +41,7 @@ def _batch(frames: int, height: int, width: int, batch: int, seed: int = 0) -> d
 def time_steps(transformer, vae, batch, prompt, cfg, device, autocast, *, steps: int, warmup: int) -> dict:
     """Seconds per optimizer step (median of ``steps`` after ``warmup``) and peak GPU memory."""
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    optimizer = make_optimizer(transformer, cfg)
     generator = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
@@ -50,7 +52,7 @@ def time_steps(transformer, vae, batch, prompt, cfg, device, autocast, *, steps:
         start = time.perf_counter()
         loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        clip_grads(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
@@ -96,7 +98,7 @@ def gpu_figures(steps: int, warmup: int) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     config = wan_transformer_config(published_size=True)
-    transformer = WanTransformer3DModel(**config).to(torch.bfloat16)
+    transformer = WanTransformer3DModel(**config)  # fp32 master weights, as train() loads them
     wan.widen_patch_embedding(transformer)
     transformer = transformer.to(device)
     wan.add_lora(transformer, rank=32, alpha=32)
@@ -110,8 +112,8 @@ def gpu_figures(steps: int, warmup: int) -> dict:
                         lambda: torch.autocast("cuda", dtype=torch.bfloat16), steps=steps, warmup=warmup)
     params = sum(p.numel() for p in transformer.parameters())
     trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
-    return {"setting": "Wan2.1-T2V-1.3B layout, random bf16 weights, LoRA rank 32, gradient checkpointing, "
-                       "480x832x49, batch 1, VAE encode included (fp32)",
+    return {"setting": "Wan2.1-T2V-1.3B layout, random fp32 weights + bf16 autocast (as train), LoRA rank 32, "
+                       "gradient checkpointing, 480x832x49, batch 1, VAE encode included (fp32)",
             "parameters": params, "trainable_parameters": trainable, **result}
 
 

@@ -267,6 +267,7 @@ def _cmd_train(args) -> int:
     from dreamstereo.config import load_config
     from dreamstereo.models.wan_inpaint import WeightsError
     from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.training.checkpoint import CheckpointConflict
     from dreamstereo.training.config import TrainConfig
     from dreamstereo.training.train import TrainSetupError, check_config
 
@@ -283,7 +284,7 @@ def _cmd_train(args) -> int:
 
             result = train(cfg)
             result = {"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None}
-    except (WeightsError, StorageError, TrainSetupError) as exc:
+    except (WeightsError, StorageError, TrainSetupError, CheckpointConflict) as exc:  # also out of Ray workers
         print(f"dreamstereo train: error: {exc}", file=sys.stderr)
         return 2
     loss = result.get("loss")

@@ -159,6 +159,15 @@ def _transformer_folder(path: str | Path) -> Path:
     raise WeightsError(f"model {str(path)!r} has no transformer/config.json: provide {DOWNLOAD_HINT}")
 
 
+def transformer_config(path: str | Path) -> dict:
+    """The ``config.json`` of a model folder's transformer (no weights are read).
+
+    Raises:
+        WeightsError: the folder is missing or has another layout.
+    """
+    return json.loads((_transformer_folder(path) / "config.json").read_text())
+
+
 def widen_patch_embedding(transformer, in_channels: int = INPAINT_IN_CHANNELS) -> None:
     """Give the patch embedding ``in_channels`` inputs, the new ones zero-initialised (in place).
 

@@ -34,7 +34,7 @@ class OptimConfig:
 
     lr: float = 1e-4  # peak learning rate
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01  # decoupled, on the LoRA matrices only (the patch embedding trains without it)
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 = off
 
@@ -112,6 +112,7 @@ class TrainConfig:
     output_dir: str | None = None  # local folder: metrics.jsonl, config.yaml, checkpoints/ (unless checkpoint_uri)
     checkpoint_uri: str | None = None  # where checkpoints go: None = OUTPUT_DIR/checkpoints, or s3://bucket/prefix
     resume: str | None = None  # latest (newest committed checkpoint, or a fresh start) | a checkpoint path
+    overwrite: bool = False  # a new run (no resume) deletes the committed checkpoints it finds; False = refuse
     max_steps: int = 1000  # optimizer steps
     batch_size: int = 1  # samples per optimizer step over all workers (global batch)
     micro_batch_size: int = 1  # samples per forward pass on one worker; accumulation makes up the rest
@@ -130,6 +131,8 @@ class TrainConfig:
         if self.flow.shift <= 0 or self.flow.mask_weight < 0 or self.flow.logit_std <= 0:
             raise ValueError(f"flow.shift > 0, flow.mask_weight >= 0, flow.logit_std > 0 needed, got "
                              f"{self.flow.shift}, {self.flow.mask_weight}, {self.flow.logit_std}")
+        if self.overwrite and self.resume is not None:
+            raise ValueError(f"overwrite=true starts a new run over old checkpoints: drop it or resume={self.resume}")
         if self.ray.num_workers < 0 or self.ray.cpus_per_worker <= 0:
             raise ValueError(f"ray.num_workers >= 0 and ray.cpus_per_worker > 0 needed, got "
                              f"{self.ray.num_workers}, {self.ray.cpus_per_worker}")

@@ -56,7 +56,8 @@ class DataConfig:
     holdout_shards: int = 0  # without val_shards: the last N shards of `shards` validate instead of training
     stage: TrainStage = TrainStage.RANDOM_MASKS  # random_masks (Stage 1) | pairs (Stage 2)
     num_frames: int = 49  # frames per training clip, 1 + 4k (Wan's VAE); longer clips are cut, shorter skipped
-    buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [[480, 832]])  # [height, width], x16
+    # [height, width], multiples of 16; a clip trains in the nearest bucket of its orientation
+    buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [[480, 832]])
     shuffle_buffer: int = 64  # raw samples per shuffle window (memory: this many encoded samples per stream)
     num_workers: int = 2  # DataLoader processes per training worker (0 = decode in the training process)
     masks: MaskConfig = dataclasses.field(default_factory=MaskConfig)  # Stage 1 random masks
@@ -133,11 +134,18 @@ def sample_rng(seed: int, key: str, window: int) -> np.random.Generator:
     return np.random.default_rng(_seed("sample", seed, key, window))
 
 
+def _orientation(height: int, width: int) -> int:
+    return (width > height) - (width < height)  # 1 landscape, -1 portrait, 0 square
+
+
 def nearest_bucket(height: int, width: int, buckets: list[list[int]]) -> tuple[int, int]:
-    """The configured bucket closest in aspect ratio (ties: closest in area)."""
+    """The configured bucket of the clip's orientation (portrait, landscape or square) closest in aspect
+    ratio (ties: closest in area), so a portrait clip is never centre-cropped to a landscape frame; when no
+    bucket has the clip's orientation, the closest of all."""
     def distance(b):
         return (abs(np.log((b[1] / b[0]) / (width / height))), abs(np.log(b[0] * b[1] / (height * width))))
-    best = min(buckets, key=distance)
+    same = [b for b in buckets if _orientation(b[0], b[1]) == _orientation(height, width)]
+    best = min(same or buckets, key=distance)
     return int(best[0]), int(best[1])
 
 

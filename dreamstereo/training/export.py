@@ -34,27 +34,28 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
     """
     from safetensors.torch import load_file
 
-    folder = ckpt.fetch(checkpoint, s3)
-    meta = ckpt.read_meta(folder)
-    base = base or meta.get("base")
-    if not base:
-        raise wan.WeightsError(f"checkpoint {checkpoint!r} records no base model: give --base, {wan.DOWNLOAD_HINT}")
-    transformer = wan.load_inpaint_model(base, dtype=torch.float32)
-    adapter = json.loads((folder / ckpt.ADAPTER_CONFIG_FILE).read_text())
-    targets = adapter.get("target_modules") or list(wan.LORA_TARGETS)
-    wan.add_lora(transformer, rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), targets=targets)
-    wan.load_trainable_state_dict(transformer, load_file(str(folder / ckpt.ADAPTER_FILE)))
-    wan.merge_lora(transformer)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(out / "transformer")
-    vae_src = Path(base) / "vae"
-    if vae_src.is_dir():
-        shutil.copytree(vae_src, out / "vae", dirs_exist_ok=True)
-    shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, out / wan.PROMPT_EMBEDDING_FILE)
-    wan.write_model_info(out, {"checkpoint": checkpoint, "step": meta.get("step"), "base": base,
-                               "lora_rank": adapter["r"], "lora_alpha": adapter["lora_alpha"],
-                               "in_channels": wan.INPAINT_IN_CHANNELS, "dtype": str(dtype).removeprefix("torch."),
-                               "package_version": __version__})
+    with ckpt.fetched(checkpoint, s3) as folder:  # an s3:// checkpoint: a temporary copy, deleted after
+        meta = ckpt.read_meta(folder)
+        base = base or meta.get("base")
+        if not base:
+            raise wan.WeightsError(f"checkpoint {checkpoint!r} records no base model: give --base, "
+                                   f"{wan.DOWNLOAD_HINT}")
+        transformer = wan.load_inpaint_model(base, dtype=torch.float32)
+        adapter = json.loads((folder / ckpt.ADAPTER_CONFIG_FILE).read_text())
+        targets = adapter.get("target_modules") or list(wan.LORA_TARGETS)
+        wan.add_lora(transformer, rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), targets=targets)
+        wan.load_trainable_state_dict(transformer, load_file(str(folder / ckpt.ADAPTER_FILE)))
+        wan.merge_lora(transformer)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(out / "transformer")
+        vae_src = Path(base) / "vae"
+        if vae_src.is_dir():
+            shutil.copytree(vae_src, out / "vae", dirs_exist_ok=True)
+        shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, out / wan.PROMPT_EMBEDDING_FILE)
+        wan.write_model_info(out, {"checkpoint": checkpoint, "step": meta.get("step"), "base": base,
+                                   "lora_rank": adapter["r"], "lora_alpha": adapter["lora_alpha"],
+                                   "in_channels": wan.INPAINT_IN_CHANNELS,
+                                   "dtype": str(dtype).removeprefix("torch."), "package_version": __version__})
     logger.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     return out

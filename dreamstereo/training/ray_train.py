@@ -4,8 +4,13 @@ The same Ray cluster that generated the shards trains on them. Ray starts the wo
 each with ``ray.use_gpu``, or CPU workers on gloo) and initialises ``torch.distributed``; the loop does the
 rest (its data streams split the shards by rank, gradients are averaged by all-reduce, rank 0 logs and
 writes checkpoints to ``checkpoint_uri``: a local or shared folder, or ``s3://``). With more than one node,
-give an ``s3://`` checkpoint_uri (or a shared file system) so a resumed run finds the checkpoints
-wherever its rank 0 lands.
+give an ``s3://`` checkpoint_uri (or a shared file system): the loop refuses a local folder that the other
+nodes do not see.
+
+The driver does the once-per-run work before any worker is placed: it checks the config and the checkpoint
+store, and resolves the empty-prompt embedding (umT5 runs here, once, not in every worker). A setup error
+raised inside a worker (``WeightsError``, ``StorageError``, ...) comes back out of Ray as itself, so the
+CLI prints its one-line message.
 """
 
 from __future__ import annotations
@@ -34,23 +39,68 @@ def _worker(loop_config: dict) -> None:
     context = ray.train.get_context()
     from dreamstereo.training.train import train
 
-    result = train(cfg, rank=context.get_world_rank(), world=context.get_world_size())
+    result = train(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
+                   prompt_embedding=loop_config.get("prompt_embedding"))
     ray.train.report({"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None})
+
+
+def driver_prompt_embedding(cfg: TrainConfig) -> tuple | None:
+    """The empty-prompt embedding the workers start with, resolved once here; None when every worker takes
+    it from a checkpoint (``model.init_from``, or a checkpoint the run resumes from)."""
+    from dreamstereo.models import wan_inpaint as wan
+    from dreamstereo.training import checkpoint as ckpt
+    from dreamstereo.training.train import checkpoint_store
+
+    if cfg.model.init_from or (cfg.resume is not None and
+                               ckpt.resolve_resume(cfg.resume, checkpoint_store(cfg)) is not None):
+        return None
+    text_dim = wan.transformer_config(cfg.model.base)["text_dim"]
+    embedding, source = wan.resolve_prompt_embedding(cfg.model.base, text_dim, text_encoder=cfg.model.text_encoder)
+    return embedding, f"{source} (resolved once by the Ray driver)"
+
+
+def setup_error(exc: BaseException) -> Exception | None:
+    """The first setup error (bad input, with a one-line message) a worker raised, from Ray's wrappers
+    (``WorkerGroupError.worker_failures`` in Ray Train V2, ``__cause__`` chains and ``RayTaskError.cause``
+    otherwise); None when the failure is something else."""
+    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.training.checkpoint import CheckpointConflict
+    from dreamstereo.training.train import TrainSetupError
+
+    wanted = (WeightsError, StorageError, TrainSetupError, CheckpointConflict)
+    todo, seen = [exc], set()
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, wanted) and type(error).__module__.startswith("dreamstereo"):
+            return error  # the original class, not Ray's RayTaskError subclass of it (its str is a traceback)
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures[rank] for rank in sorted(failures))
+        todo.extend([getattr(error, "cause", None), error.__cause__, error.__context__])
+    return None
 
 
 def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None) -> dict:
     """Run ``cfg`` on ``cfg.ray.num_workers`` Ray Train workers; returns ``{"step", "loss"}`` of the run.
 
     Raises:
-        RuntimeError: a worker failed (the message carries the worker's error).
+        WeightsError, StorageError, TrainSetupError, CheckpointConflict: bad input, found on the driver or in
+            a worker.
+        RuntimeError: a worker failed otherwise (the message carries the worker's error).
     """
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dreamstereo.training.train import check_config
+    from dreamstereo.training.train import check_checkpoints, check_config
 
     check_config(cfg)  # fail on the driver, before any worker is placed
+    check_checkpoints(cfg)
+    prompt_embedding = driver_prompt_embedding(cfg)
     started = False
     if not ray.is_initialized():
         address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
@@ -62,23 +112,31 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
         output = Path(cfg.output_dir).resolve()
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"config": to_plain(cfg), "threads": threads},
+            train_loop_config={"config": to_plain(cfg), "threads": threads, "prompt_embedding": prompt_embedding},
             torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(name="ray", storage_path=str(output)),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            error = setup_error(exc)
+            if error is not None:
+                raise error from None
+            raise
         if getattr(result, "error", None) is not None:
+            error = setup_error(result.error)
+            if error is not None:
+                raise error from None
             raise RuntimeError(f"Ray Train failed: {result.error}")
         metrics = dict(result.metrics or {})
         if "step" not in metrics:  # Ray Train V2 keeps only metrics reported with a checkpoint: read ours
-            from dreamstereo.training.checkpoint import CheckpointStore
+            from dreamstereo.training.train import checkpoint_store
 
-            store = CheckpointStore(cfg.checkpoint_uri or str(output / "checkpoints"), cfg.data.s3)
             log = output / "metrics.jsonl"
             last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}
-            metrics = {"step": store.latest() or last.get("step"), "loss": last.get("loss")}
+            metrics = {"step": checkpoint_store(cfg).latest() or last.get("step"), "loss": last.get("loss")}
         return metrics
     finally:
         if started:

@@ -14,8 +14,10 @@ import logging
 import math
 import random
 import resource
+import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +26,10 @@ import torch
 from dreamstereo import __version__
 from dreamstereo.config import to_yaml
 from dreamstereo.models import wan_inpaint as wan
+from dreamstereo.pipeline.io.storage import StorageError
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.config import LrDecay, Precision, TrainConfig
-from dreamstereo.training.data import TrainBatches, frames_to_video, resolve_shards, validation_batches
+from dreamstereo.training.data import TrainBatches, _seed, frames_to_video, resolve_shards, validation_batches
 from dreamstereo.training.objective import flow_matching_loss, sample_sigmas
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,24 @@ def check_config(cfg: TrainConfig) -> None:
         cfg.accumulation(cfg.world_size())
     except ValueError as exc:
         raise TrainSetupError(str(exc)) from None
+
+
+def checkpoint_store(cfg: TrainConfig) -> ckpt.CheckpointStore:
+    return ckpt.CheckpointStore(cfg.checkpoint_uri or str(Path(cfg.output_dir) / "checkpoints"), cfg.data.s3)
+
+
+def check_checkpoints(cfg: TrainConfig) -> None:
+    """Fail before any work when the run would mix with another run's checkpoints, or when an explicit
+    ``resume`` / ``model.init_from`` is not a committed checkpoint (nothing is downloaded).
+
+    Raises:
+        CheckpointConflict, StorageError.
+    """
+    ckpt.check_fresh_start(checkpoint_store(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+    if cfg.resume not in (None, "latest"):
+        ckpt.check_committed(cfg.resume, cfg.data.s3)
+    if cfg.model.init_from:
+        ckpt.check_committed(cfg.model.init_from, cfg.data.s3)
 
 
 def split_train_val(cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -115,14 +136,53 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
         offset += g.numel()
 
 
-def all_mean(value: float, world: int, device) -> float:
+def broadcast_params(params: list[torch.nn.Parameter], world: int) -> None:
+    """Give every worker rank 0's trainable weights, as DDP does when it wraps a model: LoRA's A matrices
+    are drawn from each rank's own RNG, and a checkpoint holds rank 0's weights only."""
     if world == 1:
-        return value
+        return
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def all_sum(values: list[float], world: int, device) -> list[float]:
+    """Element-wise sums over workers, in one all-reduce."""
+    if world == 1:
+        return list(values)
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t) / world
+    return t.tolist()
+
+
+def all_mean(value: float, world: int, device) -> float:
+    return all_sum([value], world, device)[0] / world
+
+
+def clip_grads(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """The global L2 norm of the gradients (parameters without one count as zero), clipped to ``max_norm``
+    when it is > 0."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def make_optimizer(transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the LoRA matrices only. The patch embedding is a full pretrained weight
+    (plus its bias): decoupled decay would pull it towards zero rather than towards its pretrained value, so
+    it trains without decay (the usual exclusion of biases and embeddings, as in nanoGPT's
+    ``configure_optimizers``)."""
+    decay, no_decay = [], []
+    for name, param in transformer.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.startswith("patch_embedding.") else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
 def gather(obj, world: int) -> list:
@@ -135,6 +195,52 @@ def gather(obj, world: int) -> list:
     return out
 
 
+def broadcast(obj, world: int):
+    """Rank 0's ``obj`` on every rank."""
+    if world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def node_id() -> str:
+    """This worker's machine: the Ray node id inside Ray, else the host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return socket.gethostname()
+
+
+def check_store_shared(store: ckpt.CheckpointStore, nodes: list[str], visible: list[bool]) -> None:
+    """With workers on several machines, a local ``checkpoint_uri`` must be one folder that all of them see
+    (a shared file system): rank 0 writes the checkpoints and every rank reads the one it resumes from.
+
+    Args:
+        nodes: the node of each rank. visible: whether each rank saw the probe file rank 0 wrote.
+
+    Raises:
+        TrainSetupError: some rank on another node does not see rank 0's folder.
+    """
+    if store.is_s3 or len(set(nodes)) == 1 or all(visible):
+        return
+    blind = [rank for rank, seen in enumerate(visible) if not seen]
+    raise TrainSetupError(f"checkpoint_uri {store.uri!r} is a local folder that ranks {blind} (on other nodes than "
+                          f"rank 0) do not see: with workers on {len(set(nodes))} nodes give an s3:// "
+                          f"checkpoint_uri or a folder on a shared file system")
+
+
+def noise_seed(seed: int, rank: int, step: int = 0) -> int:
+    """Seed of a rank's noise generator: different on every rank, and new after a change of worker layout."""
+    return _seed("noise", seed, rank, step)
+
+
 def rng_state(generator: torch.Generator) -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -142,12 +248,27 @@ def rng_state(generator: torch.Generator) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    """Restore what :func:`rng_state` saved (this rank's entry of a checkpoint's ``rng`` list)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["loop"])
+
+
+def read_checkpoint(uri: str, s3, *, with_state: bool) -> dict:
+    """What a run takes from a checkpoint, in memory: ``adapter`` tensors, ``prompt`` (embedding, source) and,
+    ``with_state``, the ``state`` dict. An ``s3://`` checkpoint is downloaded once, to a temporary folder that
+    is deleted right after."""
+    from safetensors.torch import load_file
+
+    with ckpt.fetched(uri, s3) as folder:
+        out = {"adapter": load_file(str(folder / ckpt.ADAPTER_FILE)),
+               "prompt": wan.load_prompt_embedding(folder / wan.PROMPT_EMBEDDING_FILE)}
+        if with_state:
+            out["state"] = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+    return out
 
 
 def memory_gb(device: torch.device) -> float:
@@ -184,10 +305,11 @@ class MetricsLog:
             self.writer.flush()
 
 
-def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimizer, scheduler, generator,
-                     prompt: torch.Tensor, prompt_source: str, data_state: dict, samples: int,
+def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimizer, scheduler,
+                     rng_states: list[dict], prompt: torch.Tensor, prompt_source: str, data_state: dict, samples: int,
                      cfg: TrainConfig) -> str:
-    """Assemble a checkpoint folder locally and commit it to the store (rank 0)."""
+    """Assemble a checkpoint folder locally and commit it to the store (rank 0); ``rng_states`` holds every
+    rank's :func:`rng_state`, in rank order."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="dreamstereo-ckpt-") as tmp:
@@ -198,7 +320,7 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
         (folder / ckpt.ADAPTER_CONFIG_FILE).write_text(json.dumps(lora_config, indent=2, default=str))
         wan.save_prompt_embedding(folder / wan.PROMPT_EMBEDDING_FILE, prompt, source=prompt_source)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "samples": samples, "rng": rng_state(generator), "data": data_state}, folder / ckpt.STATE_FILE)
+                    "samples": samples, "rng": rng_states, "data": data_state}, folder / ckpt.STATE_FILE)
         (folder / ckpt.CONFIG_FILE).write_text(to_yaml(cfg))
         (folder / ckpt.META_FILE).write_text(json.dumps({
             "step": step, "samples": samples, "base": cfg.model.base, "in_channels": wan.INPAINT_IN_CHANNELS,
@@ -210,8 +332,16 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
 # The loop
 
 
-def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
-    """Train (or resume) and return a summary: ``step``, ``losses`` (per logged step, rank 0), ``checkpoint``."""
+def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
+          prompt_embedding: tuple[torch.Tensor, str] | None = None) -> dict:
+    """Train (or resume) and return a summary: ``step``, ``losses`` (per step, averaged over workers),
+    ``checkpoint`` (the last one written, rank 0) and ``transformer`` (the trained model, in this process).
+
+    Args:
+        prompt_embedding: ``((1, L, text_dim) float32, source)``, the empty-prompt embedding when the Ray
+            driver resolved it (so workers never load umT5); None = resolve it here. A checkpoint this run
+            resumes or starts from (``model.init_from``) brings its own, which wins.
+    """
     # 1. Context: device, precision, seeds -------------------------------------------------------------
     check_config(cfg)
     master = rank == 0
@@ -224,18 +354,41 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
     torch.manual_seed(cfg.seed + rank)
     np.random.seed((cfg.seed + rank) % 2**32)
     random.seed(cfg.seed + rank)
-    generator = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise and sigmas of every micro-step
+    generator = torch.Generator().manual_seed(noise_seed(cfg.seed, rank))  # noise and sigmas, one per rank
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     accumulation = cfg.accumulation(world)
 
     # 2. Checkpoint store and resume point (before the data, whose position it holds) ------------------
-    store = ckpt.CheckpointStore(cfg.checkpoint_uri or str(output_dir / "checkpoints"), cfg.data.s3)
-    resume_uri = ckpt.resolve_resume(cfg.resume, store)
-    state = None
-    if resume_uri is not None:
-        resume_dir = ckpt.fetch(resume_uri, cfg.data.s3)
-        state = torch.load(resume_dir / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+    # Rank 0 decides (a fresh run may not mix with another run's checkpoints; `latest` is resolved once)
+    # and tells the others, who may be on machines that see nothing of a local store.
+    store = checkpoint_store(cfg)
+    nodes = gather(node_id(), world) if world > 1 else ["this process"]
+    if len(set(nodes)) > 1 and not store.is_s3:  # is the local folder the same folder on every node?
+        probe = Path(store.uri) / f".probe-{uuid.uuid4().hex}"
+        if master:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_text("rank 0 wrote this; every rank must see it")
+        probe = broadcast(probe, world)
+        visible = gather(probe.is_file(), world)
+        if master:
+            probe.unlink(missing_ok=True)
+        check_store_shared(store, nodes, visible)
+    decided = None
+    if master:
+        try:
+            check_checkpoints(cfg)
+            if cfg.overwrite and store.steps():
+                logger.warning("overwrite=true: deleting the checkpoints %s under %s", store.steps(), store.uri)
+                store.clear()
+            decided = (ckpt.resolve_resume(cfg.resume, store), None)
+        except (ckpt.CheckpointConflict, StorageError) as exc:
+            decided = (None, exc)
+    resume_uri, error = broadcast(decided, world)
+    if error is not None:
+        raise error
+    start = read_checkpoint(resume_uri, cfg.data.s3, with_state=True) if resume_uri else None
+    state = start["state"] if start else None
 
     # 3. Data: this worker's streams, positioned where the checkpoint left them ------------------------
     train_urls, val_urls = split_train_val(cfg)
@@ -249,8 +402,11 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
                        "with a new seed", {k: data_state.get(k) for k in ("world", "streams")} if data_state else None,
                        world, streams)
         data_seed = cfg.seed + state["step"]
-    dataset = TrainBatches(train_urls, cfg.data, batch_size=cfg.micro_batch_size, seed=data_seed, rank=rank,
-                           world=world, states=start_states, batches_done=batches_done)
+    try:
+        dataset = TrainBatches(train_urls, cfg.data, batch_size=cfg.micro_batch_size, seed=data_seed, rank=rank,
+                               world=world, states=start_states, batches_done=batches_done)
+    except ValueError as exc:  # fewer shards than data streams
+        raise TrainSetupError(str(exc)) from None
     stream_states = list(dataset.states)
     batches = iter(dataset.loader())
     val_set = []
@@ -267,33 +423,41 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
     transformer.train()
     vae = wan.load_vae(cfg.model.base, dtype=torch.bfloat16 if (cfg.model.vae_bf16 and use_bf16) else torch.float32,
                        device=str(device))
-    if state is not None:
-        prompt, prompt_source = wan.load_prompt_embedding(resume_dir / wan.PROMPT_EMBEDDING_FILE)
-    elif cfg.model.init_from:
-        prompt, prompt_source = wan.load_prompt_embedding(ckpt.fetch(cfg.model.init_from, cfg.data.s3)
-                                                          / wan.PROMPT_EMBEDDING_FILE)
+    init = start or (read_checkpoint(cfg.model.init_from, cfg.data.s3, with_state=False)
+                     if cfg.model.init_from else None)
+    if init is not None:
+        prompt, prompt_source = init["prompt"]
+        wan.load_trainable_state_dict(transformer, init["adapter"])
+    elif prompt_embedding is not None:
+        prompt, prompt_source = prompt_embedding
     else:
         prompt, prompt_source = wan.resolve_prompt_embedding(cfg.model.base, transformer.config.text_dim,
                                                              text_encoder=cfg.model.text_encoder)
     prompt = prompt.to(device)
-    init = resume_dir if state is not None else (ckpt.fetch(cfg.model.init_from, cfg.data.s3)
-                                                 if cfg.model.init_from else None)
-    if init is not None:
-        from safetensors.torch import load_file
-
-        wan.load_trainable_state_dict(transformer, load_file(str(init / ckpt.ADAPTER_FILE)))
     params = [p for p in transformer.parameters() if p.requires_grad]
+    broadcast_params(params, world)
 
     # 5. Optimizer and LR schedule ---------------------------------------------------------------------
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(transformer, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     step, samples = 0, 0
     if state is not None:
+        if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise TrainSetupError(f"{resume_uri} was written before the patch embedding left weight decay (its "
+                                  f"optimizer state has {len(state['optimizer']['param_groups'])} parameter "
+                                  f"group(s), not {len(optimizer.param_groups)}): start from its weights with "
+                                  f"model.init_from={resume_uri} and a new output_dir instead")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], generator)
         step, samples = state["step"], state["samples"]
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # older checkpoints: rank 0's
+        if len(rngs) == world:
+            set_rng_state(rngs[rank], generator)
+        else:
+            generator.manual_seed(noise_seed(cfg.seed, rank, step))
+            if master:
+                logger.warning("resuming on %d worker(s) from RNG states of %d: noise restarts with new seeds",
+                               world, len(rngs))
         # The schedule of this run's config from here on (max_steps or lr may differ from the saved run's).
         scheduler.base_lrs = [cfg.optim.lr for _ in optimizer.param_groups]
         for group in optimizer.param_groups:
@@ -316,7 +480,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
     # 6. The loop --------------------------------------------------------------------------------------
     window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
     while step < cfg.max_steps:
-        step_loss = 0.0
+        step_loss, step_samples = 0.0, 0
         for _ in range(accumulation):
             batch = next(batches)
             stream_states[batch["logical"]] = batch["state"]
@@ -325,18 +489,18 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
             loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
             (loss / accumulation).backward()
             step_loss += loss.item() / accumulation
-            window_samples += len(batch["keys"])
+            step_samples += len(batch["keys"])  # clips too short for num_frames are dropped from their batch
         all_reduce_grads(params, world)
-        if cfg.optim.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        grad_norm = clip_grads(params, cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]  # the rate of this step (scheduler.step() sets the next one)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        step_loss = all_mean(step_loss, world, device)
-        samples += cfg.batch_size
+        loss_sum, samples_sum = all_sum([step_loss, step_samples], world, device)
+        step_loss = loss_sum / world
+        samples += int(samples_sum)
+        window_samples += int(samples_sum)
         window_loss += step_loss
         losses.append(step_loss)
 
@@ -353,9 +517,9 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
         if step % cfg.log.every == 0 or step == cfg.max_steps or val_loss is not None:
             elapsed = time.perf_counter() - window_start
             steps_in_window = (step - 1) % cfg.log.every + 1
-            record = {"step": step, "loss": step_loss, "loss_avg": window_loss / steps_in_window,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "samples_per_s": window_samples * world / elapsed, "memory_gb": memory_gb(device)}
+            record = {"step": step, "loss": step_loss, "loss_avg": window_loss / steps_in_window, "lr": lr,
+                      "grad_norm": grad_norm, "samples": samples, "samples_per_s": window_samples / elapsed,
+                      "memory_gb": memory_gb(device)}
             if val_loss is not None:
                 record["val_loss"] = val_loss
             if master:
@@ -367,11 +531,13 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
                 window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
 
         if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or step == cfg.max_steps:
-            all_states = gather(list(stream_states), world)
+            per_rank = gather((list(stream_states), rng_state(generator)), world)  # [(streams, rng)] by rank
             if master:
-                data = {"world": world, "streams": streams, "batches_done": batches_done, "states": all_states}
-                last_checkpoint = write_checkpoint(store, step, transformer, optimizer, scheduler, generator, prompt,
-                                                   prompt_source, data, samples, cfg)
+                data = {"world": world, "streams": streams, "batches_done": batches_done,
+                        "states": [streams_of_rank for streams_of_rank, _ in per_rank]}
+                last_checkpoint = write_checkpoint(store, step, transformer, optimizer, scheduler,
+                                                   [rng for _, rng in per_rank], prompt, prompt_source, data,
+                                                   samples, cfg)
                 store.prune(cfg.log.keep_checkpoints)
                 logger.info("step %d  checkpoint %s", step, last_checkpoint)
 
@@ -380,5 +546,4 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1) -> dict:
     ranks_dir.mkdir(exist_ok=True)
     (ranks_dir / f"rank-{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "step": step,
                                                              "shards_read": sorted(shards_read)}, indent=2))
-    return {"step": step, "losses": losses, "checkpoint": last_checkpoint}
-
+    return {"step": step, "losses": losses, "checkpoint": last_checkpoint, "transformer": transformer}

@@ -99,3 +99,26 @@ def test_shards_stream_from_s3_over_http(s3_bucket, s3_env, tmp_path):
     seen = {k for _, b in zip(range(4), stream.batches()) for k in b["keys"]}
     assert seen == set(keys)
     assert json.loads(S3Storage(f"s3://{s3_bucket}/raw", s3).read_bytes("manifest.json"))["shards"]
+
+
+def test_a_portrait_clip_trains_in_a_portrait_bucket(tmp_path):
+    from pathlib import Path
+
+    from dreamstereo.config import load_config
+    from dreamstereo.training.config import TrainConfig
+    from dreamstereo.training.data import nearest_bucket
+
+    presets = Path(__file__).resolve().parents[2] / "configs" / "train"
+    for preset in ("stage1.yaml", "stage2.yaml"):
+        buckets = load_config(TrainConfig, [presets / preset]).data.buckets
+        portrait, landscape = nearest_bucket(1280, 720, buckets), nearest_bucket(720, 1280, buckets)  # 9:16, 16:9
+        assert portrait[0] > portrait[1] and landscape[0] < landscape[1]
+        assert portrait == landscape[::-1]
+    # Nearly square portrait: closer in aspect ratio to the landscape bucket, yet it takes the portrait one.
+    assert nearest_bucket(720, 704, [[512, 528], [832, 480]]) == (832, 480)
+    assert nearest_bucket(720, 704, [[512, 528]]) == (512, 528)  # no portrait bucket: the closest there is
+    write_shards(tmp_path, shards=1, per_shard=2, height=64, width=32, frames=5)
+    stream = ShardStream(resolve_shards(str(tmp_path)), _cfg(buckets=[[32, 64], [64, 32]]), batch_size=2, seed=0,
+                         stream_id=0)
+    batch = next(stream.batches())
+    assert tuple(batch["clean"].shape) == (2, 5, 64, 32, 3) and tuple(batch["mask"].shape) == (2, 5, 64, 32)

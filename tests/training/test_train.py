@@ -1,5 +1,6 @@
 """The training loop end to end on the toy model: overfitting, checkpoint contract, exact resume, export,
-CLI errors, and 2 Ray Train workers on gloo."""
+Stage 2 from Stage 1, gradient checkpointing, one run per checkpoint store, CLI errors, and 2 Ray Train
+workers on gloo (disjoint shards, exact resume with per-rank RNG states, errors out of workers)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from dreamstereo.config import load_config
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training.config import TrainConfig
 from dreamstereo.training.train import train
+from tests.training.shards import write_shards
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
 
@@ -55,6 +57,9 @@ def test_tiny_model_overfits_a_handful_of_samples(tiny_run):
     print(f"tiny run: mean loss of steps 1-10 {first:.4f}, of steps 51-60 {last:.4f}, ratio {last / first:.3f}")
     assert last <= 0.7 * first
     assert all(k in metrics[-1] for k in ("lr", "samples_per_s", "memory_gb", "grad_norm"))
+    # The rate each step used: warm-up 1/5, 2/5, ... of 0.005 over 5 steps (not the next step's rate).
+    assert [m["lr"] for m in metrics[:6]] == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005, 0.005])
+    assert [m["samples"] for m in metrics] == [2 * m["step"] for m in metrics]
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
     assert len(val) == 3 and all(np.isfinite(val))  # steps 20, 40, 60 on the held-out shard
 
@@ -74,16 +79,7 @@ def test_checkpoint_holds_only_adapter_and_patch_embedding_and_base_is_untouched
     assert tensors["patch_embedding.weight"].shape[1] == 36
     state = torch.load(folder / "training_state.pt", weights_only=False)
     assert state["step"] == 60 and {"optimizer", "scheduler", "rng", "data"} <= set(state)
-    # Base weights bit-identical: the files, and the frozen tensors of a model trained in this process.
-    assert _digest(toy_wan) == base_files
-    base = load_file(f"{toy_wan}/transformer/diffusion_pytorch_model.safetensors")
-    model = wan.load_inpaint_model(toy_wan)
-    wan.add_lora(model, rank=8, alpha=8)
-    wan.load_trainable_state_dict(model, tensors)
-    live = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
-    for key, value in base.items():
-        if not key.startswith("patch_embedding."):
-            assert torch.equal(live[key], value), key
+    assert _digest(toy_wan) == base_files  # the base files are untouched (the frozen tensors: see below)
     assert "stage" in (folder / "config.yaml").read_text()
 
 
@@ -122,17 +118,75 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(toy_wan, raw_shards,
 def test_stage2_pairs_train_from_a_stage1_checkpoint(tiny_run, toy_wan, pair_shards, tmp_path):
     out, _ = tiny_run
     init = out / "checkpoints" / "step-00000060"
-    result = train(_cfg(toy_wan, pair_shards[0], tmp_path, "data.stage=pairs", "max_steps=2",
-                        f"model.init_from={init}", "flow.mask_weight=2.0"))
-    assert len(result["losses"]) == 2 and all(np.isfinite(result["losses"]))
+    same = ["data.stage=pairs", "max_steps=1", "log.checkpoint_every=0", "flow.mask_weight=2.0"]
+    result = train(_cfg(toy_wan, pair_shards[0], tmp_path / "stage2", *same, f"model.init_from={init}"))
+    fresh = train(_cfg(toy_wan, pair_shards[0], tmp_path / "fresh", *same))  # the same run without init_from
+    assert np.isfinite(result["losses"][0]) and result["losses"][0] != fresh["losses"][0]
+    # The run started from the Stage 1 weights: one AdamW step (tiny preset: no weight decay, step-1 rate
+    # 0.005 / 5) moves a weight by at most that rate, so after it every adapter and patch-embedding tensor is
+    # still within 0.001 of the Stage 1 checkpoint's, while the run without init_from is far from them.
     stage1 = load_file(str(init / "adapter_model.safetensors"))
-    fresh = train(_cfg(toy_wan, pair_shards[0], tmp_path / "fresh", "data.stage=pairs", "max_steps=1",
-                       "log.checkpoint_every=0"))
-    assert fresh["losses"][0] != result["losses"][0]  # the Stage 1 adapter was loaded
-    assert stage1["patch_embedding.weight"].abs().sum() > 0
+    started, unrelated = wan.trainable_state_dict(result["transformer"]), wan.trainable_state_dict(fresh["transformer"])
+    assert set(started) == set(stage1)
+    assert max(float((started[k] - stage1[k]).abs().max()) for k in stage1) <= 0.001 * 1.001 + 1e-7
+    assert max(float((unrelated[k] - stage1[k]).abs().max()) for k in stage1) > 0.01
 
 
-def test_checkpoints_go_to_s3_and_resume_from_there(toy_wan, raw_shards, s3_bucket, s3_env, tmp_path):
+@pytest.fixture(scope="module")
+def checkpointing_runs(toy_wan, raw_shards, tmp_path_factory):
+    """Three steps of the tiny preset in this process, with gradient checkpointing on and off."""
+    return {on: train(_cfg(toy_wan, raw_shards[0], tmp_path_factory.mktemp("gc"), "max_steps=3",
+                           "log.checkpoint_every=0", f"gradient_checkpointing={on}")) for on in (True, False)}
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_trains_alike(checkpointing_runs):
+    on, off = checkpointing_runs[True], checkpointing_runs[False]
+    torch.testing.assert_close(on["losses"], off["losses"], rtol=1e-5, atol=1e-6)
+    for result, forwards in ((on, 2), (off, 1)):  # a checkpointed block starts again in backward
+        model, calls = result["transformer"], []  # (a pre-hook: the recomputation may stop early, before its end)
+        hook = model.blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        x, sigma, prompt = torch.randn(1, 36, 2, 8, 8), torch.tensor([0.5]), torch.zeros(1, 4, 16)
+        wan.predict_velocity(model, x, sigma, prompt).square().mean().backward()
+        hook.remove()
+        assert len(calls) == forwards
+
+
+def test_training_leaves_the_frozen_base_weights_bit_identical(checkpointing_runs, toy_wan):
+    base = load_file(f"{toy_wan}/transformer/diffusion_pytorch_model.safetensors")
+    model = checkpointing_runs[False]["transformer"]  # the model object that was trained, in this process
+    live = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    frozen = [k for k in base if not k.startswith("patch_embedding.")]
+    assert len(frozen) > 10
+    for key in frozen:
+        assert torch.equal(live[key], base[key]), key
+    assert not torch.equal(live["patch_embedding.weight"][:, :16], base["patch_embedding.weight"])  # it trained
+
+
+def test_samples_count_the_clips_that_trained(toy_wan, tmp_path):
+    write_shards(tmp_path / "long", shards=1, per_shard=1, frames=9)
+    write_shards(tmp_path / "short", shards=1, per_shard=1, frames=5)  # < num_frames=9: dropped from its batch
+    shards = f"{tmp_path}/{{long,short}}/shards/000000.tar"
+    train(_cfg(toy_wan, shards, tmp_path / "out", "max_steps=2", "data.shuffle_buffer=2", "log.checkpoint_every=0"))
+    assert [m["samples"] for m in _metrics(tmp_path / "out")] == [1, 2]  # each batch of 2 kept the long clip
+    assert json.loads((tmp_path / "out/checkpoints/step-00000002/meta.json").read_text())["samples"] == 2
+
+
+def test_a_new_run_does_not_mix_with_an_old_runs_checkpoints(toy_wan, raw_shards, tmp_path, capsys):
+    args = ["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}", f"output_dir={tmp_path}",
+            "log.checkpoint_every=1", "log.keep_checkpoints=1"]
+    assert main(["-q", *args, "max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main([*args, "max_steps=1"]) == 2  # would write step 1, then prune it in favour of the old step 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resume=latest" in err and "overwrite=true" in err
+    assert main(["-q", *args, "max_steps=1", "overwrite=true"]) == 0
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
+    assert [m["step"] for m in _metrics(tmp_path)] == [1]
+
+
+def test_checkpoints_go_to_s3_and_resume_from_there(toy_wan, raw_shards, s3_bucket, s3_env, tmp_path, monkeypatch):
+    import tempfile
+
     from tests.conftest import S3_SECRET
 
     uri = f"s3://{s3_bucket}/runs/a"
@@ -140,8 +194,12 @@ def test_checkpoints_go_to_s3_and_resume_from_there(toy_wan, raw_shards, s3_buck
               "log.keep_checkpoints=1"]
     whole = train(_cfg(toy_wan, raw_shards[0], tmp_path / "whole", "max_steps=4", "log.checkpoint_every=2"))
     train(_cfg(toy_wan, raw_shards[0], tmp_path / "a", "max_steps=2", *common))
+    fetches = tmp_path / "tmp"
+    fetches.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(fetches))  # where the S3 checkpoint is downloaded to
     resumed = train(_cfg(toy_wan, raw_shards[0], tmp_path / "a", "max_steps=4", "resume=latest", *common))
     assert resumed["losses"] == whole["losses"][2:]
+    assert list(fetches.iterdir()) == []  # the temporary copy is gone
     from dreamstereo.pipeline.io.storage import S3Config, S3Storage
 
     storage = S3Storage(uri, S3Config(endpoint_url=s3_env))
@@ -169,25 +227,51 @@ def test_explicit_resume_path_must_exist(toy_wan, raw_shards, tmp_path, capsys):
     assert code == 2 and "not a committed checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_two_ray_train_workers_read_disjoint_shards(toy_wan, raw_shards, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One small local Ray for the Ray Train tests of this module."""
+    import os
+
     import ray
 
-    from dreamstereo.training.ray_train import run_ray_training
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=200 * 1024 * 1024)
-    try:
-        cfg = _cfg(toy_wan, raw_shards[0], tmp_path, "ray.num_workers=2", "ray.cpus_per_worker=0.5",
-                   "micro_batch_size=1", "max_steps=3", "log.checkpoint_every=0")
-        result = run_ray_training(cfg)
-    finally:
-        ray.shutdown()
-    assert result["step"] == 3
-    read = [set(json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text())["shards_read"]) for r in (0, 1)]
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_ray_train_workers_read_disjoint_shards_and_resume_exactly(toy_wan, raw_shards, tmp_path, local_ray):
+    from dreamstereo.training.ray_train import run_ray_training
+
+    two = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "micro_batch_size=1", "max_steps=4",
+           "log.checkpoint_every=2", "log.keep_checkpoints=0"]
+    whole = tmp_path / "whole"
+    assert run_ray_training(_cfg(toy_wan, raw_shards[0], whole, *two))["step"] == 4
+    read = [set(json.loads((whole / "ranks" / f"rank-{r}.json").read_text())["shards_read"]) for r in (0, 1)]
     assert read[0] and read[1] and not read[0] & read[1]
-    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
-    assert (tmp_path / "checkpoints" / "step-00000003" / "meta.json").is_file()
+    assert [m["step"] for m in _metrics(whole)] == [1, 2, 3, 4]
+    # Every rank's RNG state is saved, and they differ (each rank draws its own noise).
+    step2 = whole / "checkpoints" / "step-00000002"
+    rngs = torch.load(step2 / "training_state.pt", weights_only=False)["rng"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["loop"], rngs[1]["loop"])
+    # The empty-prompt embedding came from the driver (umT5 ran there once, in no worker).
+    assert "Ray driver" in wan.load_prompt_embedding(step2 / "prompt_embedding.safetensors")[1]
+    # Resumed at step 2 on 2 workers (each restores its own RNG state): the same losses as without a stop.
+    resumed = tmp_path / "resumed"
+    run_ray_training(_cfg(toy_wan, raw_shards[0], resumed, *two, f"resume={step2}"))
+    assert [m["loss"] for m in _metrics(resumed)] == [m["loss"] for m in _metrics(whole)][2:]
+
+
+@pytest.mark.slow
+def test_a_setup_error_inside_a_ray_worker_is_one_line_at_the_cli(toy_wan, raw_shards, tmp_path, local_ray, capsys):
+    # 4 shards for 2 workers x 3 loader processes: found when the workers build their data streams.
+    code = main(["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                 f"output_dir={tmp_path}", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "micro_batch_size=1",
+                 "data.num_workers=3"])
+    err = capsys.readouterr().err.strip()  # (before it: the driver's progress bar of loading umT5)
+    assert code == 2 and "Traceback" not in err and "Error Snippet" not in err
+    assert err.splitlines()[-1].startswith("dreamstereo train: error: 4 shard(s) for 6 data streams")

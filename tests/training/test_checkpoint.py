@@ -1,0 +1,109 @@
+"""Checkpoint stores: one run per store, same-step overwrites, temporary S3 copies; loop helpers that
+guard the step (gradient norm without gradients, weight decay groups, shared checkpoint folders)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamstereo.pipeline.io.storage import S3Config, StorageError
+from dreamstereo.training import checkpoint as ckpt
+from dreamstereo.training.train import TrainSetupError, check_store_shared, clip_grads
+
+
+def _folder(path: Path, tag: str, names=("adapter_model.safetensors", "training_state.pt")) -> Path:
+    path.mkdir(parents=True)
+    for name in names:
+        (path / name).write_text(f"{tag} {name}")
+    (path / ckpt.META_FILE).write_text(json.dumps({"tag": tag}))
+    return path
+
+
+def _read(store: ckpt.CheckpointStore, step: int) -> dict:
+    with ckpt.fetched(store.uri_of(step), store.s3) as folder:
+        return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_a_fresh_run_refuses_a_store_with_committed_checkpoints(tmp_path):
+    store = ckpt.CheckpointStore(str(tmp_path / "checkpoints"))
+    ckpt.check_fresh_start(store, resume=None, overwrite=False)  # empty: fine
+    store.save(4, _folder(tmp_path / "a", "old"))
+    with pytest.raises(ckpt.CheckpointConflict, match="steps 4..4.*resume=latest.*overwrite=true.*new output_dir"):
+        ckpt.check_fresh_start(store, resume=None, overwrite=False)
+    ckpt.check_fresh_start(store, resume="latest", overwrite=False)
+    ckpt.check_fresh_start(store, resume=None, overwrite=True)
+    store.clear()
+    assert store.steps() == [] and not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_same_step_save_replaces_the_old_checkpoint_locally(tmp_path):
+    store = ckpt.CheckpointStore(str(tmp_path / "checkpoints"))
+    store.save(2, _folder(tmp_path / "a", "old", names=("adapter_model.safetensors", "stale.txt")))
+    store.save(2, _folder(tmp_path / "b", "new"))
+    assert _read(store, 2) == {"adapter_model.safetensors": "new adapter_model.safetensors",
+                               "training_state.pt": "new training_state.pt", "meta.json": '{"tag": "new"}'}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]  # nothing left aside
+
+
+def test_a_same_step_save_on_s3_uncommits_the_old_one_first(s3_bucket, s3_env, tmp_path):
+    store = ckpt.CheckpointStore(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    store.save(2, _folder(tmp_path / "a", "old", names=("adapter_model.safetensors", "stale.txt")))
+    # A save that dies after its first upload (a file vanished: the link points nowhere).
+    broken = _folder(tmp_path / "b", "new", names=("adapter_model.safetensors",))
+    os.symlink(tmp_path / "nowhere", broken / "training_state.pt")
+    with pytest.raises(OSError):
+        store.save(2, broken)
+    assert store.steps() == []  # half old, half new is not a committed checkpoint
+    with pytest.raises(StorageError, match="not a committed checkpoint"):
+        ckpt.check_committed(store.uri_of(2), store.s3)
+    store.save(2, _folder(tmp_path / "c", "new"))
+    assert store.steps() == [2]
+    assert _read(store, 2) == {"adapter_model.safetensors": "new adapter_model.safetensors",
+                               "training_state.pt": "new training_state.pt", "meta.json": '{"tag": "new"}'}
+
+
+def test_an_s3_checkpoint_is_fetched_to_a_temporary_folder_that_is_deleted(s3_bucket, s3_env, tmp_path):
+    store = ckpt.CheckpointStore(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    store.save(1, _folder(tmp_path / "a", "one"))
+    with ckpt.fetched(store.uri_of(1), store.s3) as folder:
+        assert (folder / "meta.json").is_file() and folder != tmp_path / "a"
+    assert not folder.exists()
+    with ckpt.fetched(str(tmp_path / "a"), None) as local:  # a local checkpoint is used where it is
+        assert local == tmp_path / "a"
+    assert local.exists()
+
+
+def test_grad_norm_without_clipping_skips_parameters_without_a_gradient():
+    used, unused = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    used.grad = torch.tensor([3.0, 4.0])
+    assert clip_grads([used, unused], 0.0) == pytest.approx(5.0)
+    assert clip_grads([unused], 0.0) == 0.0
+    assert clip_grads([used, unused], 1.0) == pytest.approx(5.0) and float(used.grad.norm()) == pytest.approx(1.0)
+
+
+def test_patch_embedding_trains_without_weight_decay(toy_wan):
+    from dreamstereo.models import wan_inpaint as wan
+    from dreamstereo.training.config import OptimConfig, TrainConfig
+    from dreamstereo.training.train import make_optimizer
+
+    model = wan.load_inpaint_model(toy_wan)
+    wan.add_lora(model, rank=4, alpha=4)
+    optimizer = make_optimizer(model, TrainConfig(optim=OptimConfig(weight_decay=0.1)))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    embedding = {id(model.patch_embedding.weight), id(model.patch_embedding.bias)}
+    assert {id(p) for p in no_decay["params"]} == embedding
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(decay["params"]) == len(trainable) - 2 and all(id(p) not in embedding for p in decay["params"])
+
+
+def test_a_local_checkpoint_folder_must_be_seen_by_every_node(tmp_path):
+    local = ckpt.CheckpointStore(str(tmp_path))
+    check_store_shared(local, ["node-a", "node-a"], [True, False])  # one node: the probe is not even needed
+    check_store_shared(local, ["node-a", "node-b"], [True, True])  # a shared file system
+    with pytest.raises(TrainSetupError, match=r"ranks \[1\].*2 nodes.*s3:// checkpoint_uri.*shared file system"):
+        check_store_shared(local, ["node-a", "node-b"], [True, False])
