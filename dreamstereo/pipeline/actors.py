@@ -2,7 +2,7 @@
 
 One row per clip flows through ``decode_batch`` (CPU: read the input, decode clips, oracle disparity) ->
 ``DepthActor`` (loads a depth model once per actor; GPU in production) -> ``PairActor`` (disparity,
-PBDP pair, quality verdict, sample members) -> ``write_batch`` (stages the members in the output's
+PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
 storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
 ``reason``); anything else raises, and Ray retries the task.
@@ -212,9 +212,20 @@ class PairActor(Recycled):
         return _rows_to_batch(out, PAIR_COLUMNS)
 
 
-def write_batch(batch: dict[str, np.ndarray], *, output: str, s3=None) -> dict[str, np.ndarray]:
-    """Stage each kept sample's members in the output storage; pass on the record naming the staged part."""
-    storage = open_storage(output, s3)  # one cached boto3 client per process (storage.py)
+class WriteActor:
+    """Stages each kept sample's members in the output storage and passes on the record naming the staged
+    part. A small pool of long-lived actors (not tasks): one process per writer, started once, instead of
+    a stream of short tasks that each start a worker process."""
+
+    def __init__(self, output: str, s3=None):
+        self.storage = open_storage(output, s3)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return write_batch(batch, self.storage)
+
+
+def write_batch(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
+    """Stage each kept sample's members in ``storage``; pass on the record naming the staged part."""
     out = []
     for row in _rows(batch):
         start = time.perf_counter()

@@ -2,8 +2,8 @@
 
 Order of work: check the output (fail fast) -> read the input list -> split it into shards -> skip the
 shards already committed (their stats file exists) -> stream the pending inputs through the Ray Data
-graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool -> ``write`` tasks staging each kept
-sample in the output) -> the driver routes the records (no sample bytes) to their shard and starts a
+graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool -> ``WriteActor`` pool staging each
+kept sample in the output) -> the driver routes the records (no sample bytes) to their shard and starts a
 commit task (tar, parquet, stats last) as soon as all its inputs are accounted for -> ``manifest.json``
 lists the committed shards and the run summary. Rerunning the same command skips committed shards and
 redoes partial ones, so nothing is duplicated and nothing is lost.
@@ -22,7 +22,7 @@ import time
 
 from dreamstereo import __version__
 from dreamstereo.config import ProcessConfig, config_hash, to_yaml
-from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, decode_batch, write_batch
+from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
 from dreamstereo.pipeline.io.manifest import InputConfig, check_input_access, read_inputs, split_shards
 from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed_shards, shard_name
 from dreamstereo.pipeline.io.storage import S3Config, open_storage
@@ -45,7 +45,8 @@ class ResourcesConfig:
     depth_device: str = "cpu"  # cuda when depth_num_gpus > 0
     pair_actors: int = 1  # PBDP / filter / encode replicas
     pair_num_cpus: float = 0.5
-    write_num_cpus: float = 0.1  # staging samples and committing shards (I/O bound)
+    write_actors: int = 1  # processes staging finished samples in the output (I/O bound)
+    write_num_cpus: float = 0.1  # per writer, and per shard-commit task
     batch_size: int = 1  # clips per batch through each operator
     recycle_after: int = 0  # batches before a depth/pair actor replaces its process (0: never)
     max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
@@ -112,8 +113,9 @@ def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
                         compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
                         fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
                                                "recycle_after": res.recycle_after})
-    return ds.map_batches(write_batch, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
-                          fn_kwargs={"output": output, "s3": cfg.s3})
+    return ds.map_batches(WriteActor, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
+                          compute=ray.data.ActorPoolStrategy(size=res.write_actors),
+                          fn_constructor_kwargs={"output": output, "s3": cfg.s3})
 
 
 def check_contract(operators: list[str]) -> None:
