@@ -28,3 +28,16 @@ def wan():
 def text(batch: int, seed: int = 1) -> torch.Tensor:
     """``(B, L, text_dim)`` random text embeddings."""
     return torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def lpips_folder(tmp_path):
+    """LPIPS weights as users would have them: torchvision's AlexNet state dict and the lpips linear layers
+    (random values in the real layout)."""
+    from dreamstereo.inference.lpips import ALEX_CHANNELS, alexnet_features
+
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in alexnet_features().state_dict().items()}, tmp_path / "alexnet.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(ALEX_CHANNELS)},
+               tmp_path / "alex.pth")
+    return tmp_path

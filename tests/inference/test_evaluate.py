@@ -45,3 +45,11 @@ def test_raw_clip_shards_are_refused(toy_wan_model, tmp_path, capsys):
     code = main(["-q", "evaluate", "--checkpoint", toy_wan_model, "--shards", str(tmp_path / "nowhere")])
     err = capsys.readouterr().err
     assert code == 2 and "has no manifest.json" in err
+
+
+def test_lpips_is_reported_when_weights_are_given(toy_wan_model, pair_output, lpips_folder, capsys):
+    code = main(["-q", "evaluate", "--checkpoint", toy_wan_model, "--shards", pair_output, "max_samples=1",
+                 f"lpips_weights={lpips_folder}", "model.sasi.bucket_multiple=4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "LPIPS not computed" not in captured.out and "| LPIPS |" in captured.out

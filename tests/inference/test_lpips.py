@@ -4,18 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-
-from dreamstereo.inference.lpips import ALEX_CHANNELS, Lpips, alexnet_features
-
-
-@pytest.fixture
-def lpips_folder(tmp_path):
-    torch.manual_seed(0)
-    torch.save({f"features.{k}": v for k, v in alexnet_features().state_dict().items()}, tmp_path / "alexnet.pth")
-    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(ALEX_CHANNELS)},
-               tmp_path / "alex.pth")
-    return tmp_path
+from dreamstereo.inference.lpips import Lpips
 
 
 def test_distance_is_zero_for_equal_clips_and_grows_with_noise(lpips_folder):
