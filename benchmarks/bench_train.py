@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_result  # noqa: E402
+from common import machine, time_ms, write_result  # noqa: E402
 
 from dreamstereo.models import wan_inpaint as wan  # noqa: E402
 from dreamstereo.toy_models import save_toy_wan, wan_transformer_config, wan_vae_config  # noqa: E402
@@ -43,23 +42,18 @@ def time_steps(transformer, vae, batch, prompt, cfg, device, autocast, *, steps:
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(transformer, cfg)
     generator = torch.Generator().manual_seed(0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for i in range(warmup + steps):
-        sync()
-        start = time.perf_counter()
+
+    def step():
         loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
         loss.backward()
         clip_grads(params, cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    out = {"s_per_step": times[len(times) // 2], "steps_per_s": 1 / times[len(times) // 2]}
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_ms(step, repeats=steps, warmup=warmup, device=device.type)["median_ms"] / 1000.0
+    out = {"s_per_step": seconds, "steps_per_s": 1 / seconds}
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out

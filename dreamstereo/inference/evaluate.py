@@ -24,7 +24,7 @@ from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig, StereoInpainter
 from dreamstereo.pipeline.io.storage import S3Config
 from dreamstereo.stages.metrics import psnr, ssim
-from dreamstereo.stages.stereo import inpaint_opencv
+from dreamstereo.stages.stereo import blend, inpaint_opencv
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +51,20 @@ METHODS = ("sparse", "dense", "opencv")
 
 def _pairs(shards: str, cfg: EvaluateConfig):
     """Up to ``max_samples`` decoded PBDP pairs from a generate output / brace pattern / tar."""
+    from dreamstereo.models.wan_inpaint import VAE_TEMPORAL
     from dreamstereo.sample import read_sample
-    from dreamstereo.training.data import iter_raw_samples, resolve_shards
+    from dreamstereo.training.data import iter_raw_samples, resolve_shards, sample_members
 
     found = 0
     for url in resolve_shards(shards, cfg.s3):
         for raw in iter_raw_samples(url, cfg.s3):
-            members = {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
+            members = sample_members(raw)
             if "mask.npz" not in members or "warped.mp4" not in members:
                 raise ValueError(f"{url}: sample {raw['__key__']!r} is not a PBDP pair (no warped.mp4 / mask.npz); "
                                  f"evaluate needs `generate mode=pairs` shards")
             sample = read_sample(members, raw["__key__"])
             t = min(len(sample.mask), cfg.frames)
-            t = 1 + 4 * ((t - 1) // 4)
+            t = 1 + VAE_TEMPORAL * ((t - 1) // VAE_TEMPORAL)  # what the VAE packs without padding
             yield sample.key, sample.clean[:t], sample.warped[:t], sample.mask[:t]
             found += 1
             if found >= cfg.max_samples:
@@ -106,7 +107,7 @@ def evaluate(checkpoint: str, shards: str, cfg: EvaluateConfig, *, json_out: str
             timing[method]["total_s"] += time.perf_counter() - start
             for k in ("dit_s", "vae_s", "tokens", "tokens_kept"):
                 timing[method][k] += inpainter.stats[k] - before[k]
-            blended = np.where(mask[..., None], out, warped)
+            blended = blend(warped, out, mask)
             outputs[method] = blended
             for variant, image in (("raw", out), ("blended", blended)):
                 scores = _scores(image, clean, mask, lpips)

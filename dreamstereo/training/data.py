@@ -119,7 +119,8 @@ def iter_raw_samples(url: str, s3: S3Config | None = None) -> Iterator[dict]:
         stream.close()
 
 
-def _members(raw: dict) -> dict:
+def sample_members(raw: dict) -> dict:
+    """A webdataset sample's members by extension (no leading dot, no ``__key__``-style fields)."""
     return {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
 
 
@@ -152,7 +153,7 @@ def nearest_bucket(height: int, width: int, buckets: list[list[int]]) -> tuple[i
 def raw_bucket(raw: dict, buckets: list[list[int]]) -> tuple[int, int]:
     """The bucket a raw sample trains in, from its metadata (``bucket`` or ``height``/``width``), else from
     the video's container header."""
-    members = _members(raw)
+    members = sample_members(raw)
     meta = json.loads(members["json"]) if "json" in members else {}
     if meta.get("bucket"):
         h, w = meta["bucket"]
@@ -206,7 +207,7 @@ def decode_raw(raw: dict, cfg: DataConfig, bucket: tuple[int, int], seed: int, w
     """
     from dreamstereo import media
 
-    members = _members(raw)
+    members = sample_members(raw)
     key = raw["__key__"]
     rng = sample_rng(seed, key, window)
     t = cfg.num_frames
