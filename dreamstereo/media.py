@@ -25,10 +25,13 @@ import av
 import cv2
 import numpy as np
 
+from dreamstereo.arrays import ArrayFile, ArrayFileError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 DISPARITY_SUFFIXES = {".npy", ".npz", ".pfm", ".png"}
+MAX_DISPARITY_BYTES = 16 * 2**30  # declared data of a disparity file beyond which it is refused unread
 
 
 class MediaError(ValueError):
@@ -66,8 +69,7 @@ def write_text(path: str | Path, text: str) -> None:
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` float32 RGB in [0, 1] (8- or 16-bit files)."""
     path = Path(path)
-    if not path.is_file():
-        raise MediaError(f"{str(path)!r}: no such file")
+    _check_regular(path)
     raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if raw is None:
         raise MediaError(f"{str(path)!r}: not a readable image")
@@ -106,21 +108,24 @@ class DisparitySource:
     Formats: ``.npy`` (memory-mapped, so a long clip is never loaded whole); ``.npz`` with an array
     named ``disparity`` (or a single array); ``.pfm``; an 8- or 16-bit ``.png`` whose values times
     ``scale`` are pixels (required for PNG: integer images store scaled values). ``scale`` multiplies
-    every format (default 1). A single map counts as one frame.
+    every format (default 1). A single map counts as one frame. ``.npy``/``.npz`` are read header first:
+    with ``expect`` (the ``(T, H, W)`` the input needs) a file of another shape is refused before its data
+    is inflated, and no file may declare more than ``max_bytes`` of data.
     """
 
-    def __init__(self, path: str | Path, *, scale: float | None = None):
+    def __init__(self, path: str | Path, *, scale: float | None = None, expect: tuple[int, int, int] | None = None,
+                 max_bytes: int = MAX_DISPARITY_BYTES):
         self.path = Path(path)
         name, suffix = repr(str(self.path)), self.path.suffix.lower()
         if suffix == ".png" and scale is None:
             raise MediaError(f"disparity file {name}: a PNG stores scaled integers; give its scale in pixels "
                              f"per unit (--disparity-scale, e.g. 0.5 for Middlebury, 1/256 for 16-bit KITTI)")
         self.scale = 1.0 if scale is None else float(scale)
-        if not self.path.is_file():
-            raise MediaError(f"disparity file {name}: no such file")
+        _check_regular(self.path, "disparity file ")
         if suffix not in DISPARITY_SUFFIXES:
             raise MediaError(f"disparity file {name}: unsupported format {suffix!r}; "
                              f"use one of {sorted(DISPARITY_SUFFIXES)}")
+        self.expect, self.max_bytes = expect, max_bytes
         try:
             disp = self._load(suffix)
         except (OSError, ValueError, EOFError) as exc:
@@ -136,15 +141,16 @@ class DisparitySource:
 
     def _load(self, suffix: str) -> np.ndarray:
         name = repr(str(self.path))
-        if suffix == ".npy":
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)
-        if suffix == ".npz":
-            with np.load(self.path, allow_pickle=False) as z:
-                if "disparity" in z.files:
-                    return z["disparity"]
-                if len(z.files) == 1:
-                    return z[z.files[0]]
-                raise MediaError(f"disparity file {name}: no array named 'disparity' (has {z.files})")
+        if suffix in (".npy", ".npz"):
+            with open(self.path, "rb") as fh, ArrayFile(fh, member="disparity") as array:
+                shape = (1, *array.shape) if len(array.shape) == 2 else array.shape
+                if self.expect is not None and shape != tuple(self.expect):
+                    raise MediaError(f"disparity file {name}: shape (T, H, W) = {shape} does not match the input's "
+                                     f"{tuple(self.expect)}")
+                if suffix == ".npy" and not array.fortran_order and array.nbytes <= self.max_bytes:
+                    # memory-mapped, so a long clip is never loaded whole (np.load checks the file's length)
+                    return np.load(self.path, mmap_mode="r", allow_pickle=False)
+                return array.read(self.max_bytes)
         if suffix == ".pfm":
             return _read_pfm(self.path)
         disp = cv2.imread(str(self.path), cv2.IMREAD_UNCHANGED)
@@ -214,9 +220,14 @@ class VideoInfo:
     height: int
 
 
-def _open_video(path: Path):
+def _check_regular(path: Path, what: str = "") -> None:
+    """MediaError unless ``path`` is a regular file (a FIFO would block a reader, a device never end)."""
     if not path.is_file():
-        raise MediaError(f"{str(path)!r}: no such file")
+        raise MediaError(f"{what}{str(path)!r}: " + ("not a regular file" if path.exists() else "no such file"))
+
+
+def _open_video(path: Path):
+    _check_regular(path)
     try:
         container = av.open(str(path))
     except (av.FFmpegError, IndexError, OSError) as exc:

@@ -20,7 +20,9 @@ from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
 from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
+from dreamstereo.pipeline.io.storage import StorageError, read_uri
+from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
 from dreamstereo.stages.pairs import make_pair
 from dreamstereo.stages.quality import decide, score_quality
@@ -29,26 +31,6 @@ from dreamstereo.types import ErrorCode, SampleError
 logger = logging.getLogger(__name__)
 
 UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
-
-
-def sidecar_path(video: str | Path) -> Path:
-    """``<video stem>.disparity.npz`` next to the video (the oracle backend's input)."""
-    video = Path(video)
-    return video.with_name(f"{video.stem}.disparity.npz")
-
-
-def read_sidecar(video: str | Path) -> np.ndarray:
-    """The oracle disparity of a video, ``(T, H, W)`` float32 (see :func:`parse_sidecar`).
-
-    Raises:
-        SampleError: ``DEPTH_MISSING`` when there is no readable sidecar.
-    """
-    path = sidecar_path(video)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SampleError(ErrorCode.DEPTH_MISSING, "depth", f"{str(path)!r}: {exc.strerror or exc}") from None
-    return parse_sidecar(data)
 
 
 @dataclasses.dataclass
@@ -135,12 +117,12 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
     start = time.perf_counter()
     video, out_dir = Path(video), Path(out_dir)
     source = str(video.resolve())  # keys and seeds follow the file, not how its path was spelled
-    if not video.is_file():  # also refuses devices and pipes (/dev/zero would never end)
-        raise media.MediaError(f"{str(video)!r}: not a regular file")
-    try:
-        data = video.read_bytes()
-    except OSError as exc:
-        raise media.MediaError(f"{str(video)!r}: cannot read ({exc.strerror or exc})") from None
+    try:  # refuses FIFOs, devices and folders before reading, and files over decode.max_input_mb
+        data = read_uri(str(video), max_bytes=cfg.decode.max_input_bytes)
+    except SampleError as exc:
+        raise media.MediaError(f"{exc.code.value}: {exc.message}") from None
+    except StorageError as exc:
+        raise media.MediaError(str(exc)) from None
     results: list[ClipResult] = []
     try:
         probe, clips = decode_clips(data, cfg.decode)
@@ -153,7 +135,7 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
     if clips:
         if cfg.depth.backend is DepthBackendName.ORACLE:
             try:
-                sidecar = read_sidecar(video)
+                sidecar = read_sidecar(sidecar_of(str(video)), None, cfg.depth, probe)
             except SampleError as exc:
                 sidecar = exc
             relatives = oracle_for_clips(sidecar, clips, probe.frames, (probe.height, probe.width))

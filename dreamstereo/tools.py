@@ -79,7 +79,6 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
     """
     start = time.perf_counter()
     input_path, out_dir = Path(input_path), Path(out_dir)
-    disparity = media.DisparitySource(disparity_path, scale=cfg.disparity_scale)
     if media.is_image(input_path):
         image = media.to_uint8(media.read_image(input_path))[None]
         fps, expected, chunks = None, image.shape[:3], iter([image])
@@ -87,6 +86,8 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
         info = media.probe_video(input_path)
         fps, expected = info.fps, (info.frames, info.height, info.width)
         chunks = media.iter_video(input_path, cfg.chunk_frames)
+    # The input's shape first: a disparity file of another shape is refused from its header, unread.
+    disparity = media.DisparitySource(disparity_path, scale=cfg.disparity_scale, expect=tuple(expected))
     if disparity.shape != tuple(expected):
         raise media.MediaError(
             f"disparity file {str(disparity_path)!r}: shape (T, H, W) = {disparity.shape} does not match "

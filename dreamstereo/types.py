@@ -87,11 +87,15 @@ class ErrorCode(str, enum.Enum):
     """Why a sample failed (a data problem, recorded per sample; infrastructure faults raise instead)."""
 
     READ_FAILED = "read_failed"  # the input could not be read from storage (may be transient)
+    INVALID_URI = "invalid_uri"  # the manifest row names no usable input (empty, not text, unsupported scheme)
+    NOT_A_FILE = "not_a_file"  # the input is a FIFO, a device or a folder, not a regular file
+    TOO_LARGE = "too_large"  # the input is larger than decode.max_input_mb
     DECODE_FAILED = "decode_failed"  # the bytes are not a readable video
     NO_VIDEO_STREAM = "no_video_stream"  # e.g. an audio-only file
     TOO_SHORT = "too_short"  # fewer frames than one clip needs
     TOO_SMALL = "too_small"  # below the smallest accepted frame size
     DEPTH_MISSING = "depth_missing"  # the oracle backend found no usable sidecar
+    DEPTH_UNREADABLE = "depth_unreadable"  # the sidecar is there but is not one numeric array (damaged, too big)
     DEPTH_MISMATCH = "depth_mismatch"  # sidecar frames or size do not match the video
     DEPTH_FAILED = "depth_failed"  # the depth model produced no finite output
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def test_pbdp_reads_scaled_png_disparity(capsys, tmp_path, image_pair):
 
 
 @pytest.mark.parametrize("case", ["missing_input", "garbage_video", "shape_mismatch", "bad_override",
-                                  "nan_disparity", "truncated_video"])
+                                  "nan_disparity", "truncated_video", "truncated_npz", "structured_npz",
+                                  "npz_bomb", "fifo_disparity"])
 def test_pbdp_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, image_pair, case):
     _, left, disp = image_pair
     args = [str(left), "--disparity", str(disp)]
@@ -114,11 +116,26 @@ def test_pbdp_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_pat
     elif case == "nan_disparity":
         np.save(tmp_path / "nan.npy", np.full((20, 48), np.nan, np.float32))
         args[2] = str(tmp_path / "nan.npy")
+    elif case == "truncated_npz":  # a partial upload
+        np.savez(tmp_path / "d.npz", disparity=np.load(disp))
+        data = (tmp_path / "d.npz").read_bytes()
+        (tmp_path / "d.npz").write_bytes(data[: len(data) // 2])
+        args[2] = str(tmp_path / "d.npz")
+    elif case == "structured_npz":
+        np.savez(tmp_path / "d.npz", disparity=np.zeros((20, 48), [("a", "f4"), ("b", "i4")]))
+        args[2] = str(tmp_path / "d.npz")
+    elif case == "npz_bomb":  # 160 MiB of zeros in 160 KB; refused from its header, never inflated
+        np.savez_compressed(tmp_path / "d.npz", disparity=np.zeros((40, 1024, 1024), np.float32))
+        args[2] = str(tmp_path / "d.npz")
+    elif case == "fifo_disparity":
+        os.mkfifo(tmp_path / "d.npz")
+        args[2] = str(tmp_path / "d.npz")
     out = tmp_path / "out"
     code, _, err = _run(capsys, "pbdp", *args, "--out", str(out))
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dreamstereo pbdp: error:")
+    assert case not in ("truncated_npz", "structured_npz", "npz_bomb", "fifo_disparity") or "d.npz" in lines[0]
     assert "Traceback" not in err
     assert not out.exists()
 

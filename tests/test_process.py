@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -97,6 +100,11 @@ def _bad_input(kind: str, tmp_path):
         return str(tmp_path / "folder.mp4"), None
     if kind == "device":
         return "/dev/zero", None
+    if kind == "fifo":  # a reader would wait for a writer forever
+        os.mkfifo(tmp_path / "pipe.mp4")
+        return str(tmp_path / "pipe.mp4"), None
+    if kind == "too_large":  # over decode.max_input_mb (set to 0.01 below)
+        return write_video(tmp_path / "large.mp4", np.random.default_rng(2).integers(0, 255, (20, 64, 96, 3), np.uint8)), None
     if kind == "sidecar_nan":
         return write_video(tmp_path / "nan.mp4", moving_pattern(20, 64, 96)), 20
     if kind == "audio_only":
@@ -133,7 +141,7 @@ def _bad_input(kind: str, tmp_path):
 
 
 UNREADABLE = ["missing", "empty", "random", "text", "audio_only", "truncated_index_at_end", "header_only",
-              "directory", "device"]
+              "directory", "device", "fifo", "too_large"]
 READABLE = ["single_frame", "tiny_16x16", "portrait_rotated", "variable_frame_rate", "av1", "grayscale",
             "odd_name", "sidecar_wrong_frames", "truncated_faststart", "sidecar_nan"]
 
@@ -150,8 +158,9 @@ def test_bad_inputs_give_a_sample_a_verdict_or_one_error_line(capsys, tmp_path, 
             disparity[:, 10, 10] = np.nan
             np.savez(sidecar, disparity=disparity)
     out = tmp_path / "out"
+    extra = ["decode.max_input_mb=0.01"] if kind == "too_large" else []
     code, stdout, err = _run(capsys, "process", video, "--out", str(out), "--depth", "oracle", *SMALL,
-                             "decode.buckets=[[64,96]]")
+                             "decode.buckets=[[64,96]]", *extra)
     assert "Traceback" not in err
     if kind in UNREADABLE:
         assert code == 2, (kind, stdout, err)
@@ -203,3 +212,49 @@ def test_shared_videos_with_an_oracle_sidecar_and_a_tiny_model(capsys, tmp_path,
         assert clips and all(c["status"] in ("kept", "rejected") for c in clips), clips
         if depth == "oracle":
             assert any(c["status"] == "kept" for c in clips)
+
+
+def _hostile_sidecar(kind: str, path: str, frames: int, h: int, w: int) -> None:
+    """Write a damaged, odd or oversized sidecar, as a corpus has them."""
+    good = np.tile(np.linspace(1.0, 3.0, w, dtype=np.float32), (frames, h, 1))
+    buffer = io.BytesIO()
+    np.savez(buffer, disparity=good)
+    if kind == "truncated":  # a partial upload
+        open(path, "wb").write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    elif kind == "npy_bytes":  # an .npy saved under the .npz name: a plain array, read as such
+        np.save(open(path, "wb"), good)
+    elif kind == "structured":
+        np.savez(path, disparity=np.zeros((frames, h, w), [("d", "f4"), ("c", "f4")]))
+    elif kind == "random_bytes":
+        open(path, "wb").write(np.random.default_rng(3).bytes(5000))
+    elif kind == "bomb":  # 75 MiB of zeros declared in a small file, and not this video's frame count
+        np.savez_compressed(path, disparity=np.zeros((frames * 10, h * 4, w * 4), np.float32))
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind, status, reason", [
+    ("truncated", "failed", "depth_unreadable"), ("structured", "failed", "depth_unreadable"),
+    ("random_bytes", "failed", "depth_unreadable"), ("bomb", "failed", "depth_mismatch"),
+    ("fifo", "failed", "not_a_file"), ("npy_bytes", None, None),
+])
+def test_a_hostile_sidecar_is_a_sample_failure_with_its_reason(capsys, tmp_path, kind, status, reason):
+    video = write_video(tmp_path / "clip.mp4", moving_pattern(20, 64, 96))
+    _hostile_sidecar(kind, str(tmp_path / "clip.disparity.npz"), 20, 64, 96)
+    out = tmp_path / "out"
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(run=_run(capsys, "process", video, "--out", str(out),
+                                                                     "--depth", "oracle", *SMALL)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)  # a FIFO sidecar must not block the reader
+    assert not worker.is_alive(), "process hung on the sidecar"
+    code, stdout, err = result["run"]
+    assert code == 0 and "Traceback" not in err, err
+    clips = json.loads((out / "manifest.json").read_text())["clips"]
+    if status is None:  # read as the plain array it is
+        assert all(c["status"] in ("kept", "rejected") for c in clips)
+    else:
+        assert {(c["status"], c["reason"]) for c in clips} == {(status, reason)}
+        assert f"{clips[0]['key']}: {status} ({reason})" in stdout

@@ -26,10 +26,11 @@ import torch
 from dreamstereo import __version__, media
 from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
-from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity, parse_sidecar
+from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity
 from dreamstereo.stages.gapw import WarpConfig, warp
 from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
-from dreamstereo.types import Direction, SampleError
+from dreamstereo.types import Direction, ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -182,20 +183,21 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
 def _depth_source(source: Path, info: media.VideoInfo, cfg: ConvertConfig):
     """A function (frames, first frame index) -> relative disparity ``(T, H, W)``."""
     if cfg.depth.backend is DepthBackendName.ORACLE:
-        sidecar_path = source.with_name(f"{source.stem}.disparity.npz")
-        if not sidecar_path.is_file():
-            raise media.MediaError(f"--depth oracle needs the disparity sidecar {str(sidecar_path)!r} beside the video")
+        sidecar_path = sidecar_of(str(source))
         try:
-            sidecar = parse_sidecar(sidecar_path.read_bytes())
+            sidecar = read_sidecar(sidecar_path, None, cfg.depth, info)
         except SampleError as exc:
-            raise media.MediaError(f"{str(sidecar_path)!r}: {exc.message}") from None
+            if exc.code is ErrorCode.DEPTH_MISSING:
+                raise media.MediaError(f"--depth oracle needs the disparity sidecar {sidecar_path!r} beside the "
+                                       f"video") from None
+            raise media.MediaError(f"{exc.code.value}: {exc.message}") from None
 
         def oracle(frames: np.ndarray, first: int) -> np.ndarray:
             try:
                 return oracle_disparity(sidecar, tuple(range(first, first + len(frames))), info.frames,
                                         (info.height, info.width), frames.shape[1:3])
             except SampleError as exc:
-                raise media.MediaError(f"{str(sidecar_path)!r}: {exc.message}") from None
+                raise media.MediaError(f"{sidecar_path!r}: {exc.message}") from None
 
         return oracle
     backend = load_backend(cfg.depth, cfg.device)  # DepthWeightsError says how to provide the weights

@@ -23,15 +23,16 @@ import time
 import numpy as np
 
 from dreamstereo.pipeline.io.shards import stage_sample
-from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, sibling_uri, uri_exists
+from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, uri_exists
+from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
+from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.types import ErrorCode, SampleError
 
 # Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
-INPUT_COLUMNS = ("shard", "input_index", "uri")
+INPUT_COLUMNS = ("shard", "input_index", "uri", "problem")  # problem: why a manifest row names no input
 DECODE_COLUMNS = INPUT_COLUMNS + ("clip_index", "clips", "status", "reason", "message", "frames", "relative",
                                   "clip_meta", "timings")
 PAIR_COLUMNS = ("shard", "input_index", "uri", "clip_index", "clips", "record", "members", "timings")
@@ -86,7 +87,10 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
         start = time.perf_counter()
         base = {k: row[k] for k in INPUT_COLUMNS}
         try:
-            probe, clips = decode_clips(read_uri(str(row["uri"]), s3), cfg.decode)
+            if isinstance(row["problem"], str) and row["problem"]:  # "" when the row is fine
+                raise SampleError(ErrorCode.INVALID_URI, "read", str(row["problem"]))
+            probe, clips = decode_clips(read_uri(str(row["uri"]), s3, max_bytes=cfg.decode.max_input_bytes),
+                                        cfg.decode)
         except (SampleError, StorageError) as exc:
             code = exc.code if isinstance(exc, SampleError) else ErrorCode.READ_FAILED
             status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"
@@ -112,11 +116,9 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
 
 def _oracle(row, probe, clips, cfg, s3) -> list:
     """Per clip: the oracle disparity, or the SampleError that stands for it."""
-    uri = str(row["uri"])
-    stem = uri.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    sidecar_uri = sibling_uri(uri, f"{stem}.disparity.npz")
+    sidecar_uri = sidecar_of(str(row["uri"]))
     try:
-        sidecar = parse_sidecar(read_uri(sidecar_uri, s3))
+        sidecar = read_sidecar(sidecar_uri, s3, cfg.depth, probe)
     except StorageError as exc:  # absent: a data problem; present but unreadable: maybe transient
         absent = not _exists_or_unknown(sidecar_uri, s3)
         code = ErrorCode.DEPTH_MISSING if absent else ErrorCode.READ_FAILED

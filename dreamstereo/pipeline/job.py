@@ -140,9 +140,9 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     if "://" not in output:  # workers open it too: not relative to their working directory
         output = os.path.abspath(output)
     storage = open_storage(output, cfg.s3)
-    storage.check()
-    inputs = read_inputs(source, cfg.input, cfg.s3)
+    inputs = read_inputs(source, cfg.input, cfg.s3)  # the inputs first: a bad input list creates no output
     check_input_access(inputs, cfg.s3)
+    storage.check()
     shards = split_shards(inputs, cfg.shard_size)
     _claim_output(storage, inputs, cfg)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
@@ -161,10 +161,13 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
         if "://" not in output and sum(n["Alive"] for n in ray.nodes()) > 1:
             logger.warning("output %r is a local path on a %d-node cluster: every node must see it at the same "
                            "path (a shared filesystem), or use s3://", output, sum(n["Alive"] for n in ray.nodes()))
-        items = [{"shard": k, "input_index": i, "uri": v.uri} for k in pending for i, v in enumerate(shards[k])]
+        items = [{"shard": k, "input_index": i, "uri": v.uri, "problem": v.problem or ""}
+                 for k in pending for i, v in enumerate(shards[k])]
         failed_shards = _stream(build_dataset(items, cfg, output), shards, pending, output, cfg, echo, len(done))
     _clear_staging(storage, committed_shards(storage))
-    summary = write_manifest(storage, shards, cfg, time.perf_counter() - start, failed_shards)
+    summary = None if pending else _recorded_summary(storage, cfg, len(shards))
+    if summary is None:  # a rerun with nothing to do keeps the figures of the run that did the work
+        summary = write_manifest(storage, shards, cfg, time.perf_counter() - start, failed_shards)
     echo(format_summary(summary))
     return summary
 
@@ -314,6 +317,19 @@ def _has_retryable_failure(storage, shard: int) -> bool:
     rows = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(shard, "parquet")))).to_pylist()
     retryable = {code.value for code in RETRYABLE_CODES}
     return any(r.get("status") == "failed" and r.get("reason") in retryable for r in rows)
+
+
+def _recorded_summary(storage, cfg, shards: int) -> dict | None:
+    """The summary in ``manifest.json`` when a run of these settings wrote it with every shard committed
+    (``None`` when there is none, it cannot be read, or it says otherwise)."""
+    if not storage.exists("manifest.json"):
+        return None
+    try:
+        summary = json.loads(storage.read_bytes("manifest.json"))["summary"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    complete = summary.get("committed_shards") == shards and not summary.get("failed_shards")
+    return summary if complete and summary.get("config_hash") == config_hash(cfg) else None
 
 
 def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:

@@ -42,6 +42,11 @@ class DecodeConfig:
     max_clips: int = 4  # clips per video at most, spread evenly over the video
     buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
     min_short_side: int = 256  # px; smaller videos are rejected as too small, larger ones may be upscaled
+    max_input_mb: float = 4096  # larger input files are refused unread (too_large)
+
+    @property
+    def max_input_bytes(self) -> int:
+        return int(self.max_input_mb * 2**20)
 
     def __post_init__(self):
         if self.clip_frames < 1 or (self.clip_stride is not None and self.clip_stride < 1) or self.max_clips < 1:
@@ -49,6 +54,8 @@ class DecodeConfig:
                              f"{self.clip_frames}, {self.clip_stride}, {self.max_clips}")
         if self.target_fps is not None and not self.target_fps > 0:
             raise ValueError(f"decode.target_fps must be > 0 or None, got {self.target_fps}")
+        if not self.max_input_mb > 0:
+            raise ValueError(f"decode.max_input_mb must be > 0, got {self.max_input_mb}")
         if not self.buckets or any(len(b) != 2 or min(b) < 2 for b in self.buckets):
             raise ValueError(f"decode.buckets must be [height, width] pairs, got {self.buckets}")
 

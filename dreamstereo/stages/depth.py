@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from dreamstereo.arrays import ArrayFile, ArrayFileError
 from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class DepthConfig:
     max_resolution: int = 1024  # DepthCrafter long side in px (rounded to multiples of 64)
     noise_aug_strength: float = 0.02  # DepthCrafter: noise on the conditioning video and its time id
     fp16: bool = False  # DepthCrafter: half-precision UNet and image encoder (GPU)
+    sidecar_max_mb: float = 4096  # oracle: largest disparity sidecar read (its declared data size, MiB)
 
     def __post_init__(self):
         if not 0 <= self.overlap < self.window or self.steps < 1:
@@ -71,6 +73,12 @@ class DepthConfig:
             raise ValueError(f"depth.input_size must be a positive multiple of 14, got {self.input_size}")
         if self.batch_size < 1:
             raise ValueError(f"depth.batch_size must be >= 1, got {self.batch_size}")
+        if not self.sidecar_max_mb > 0:
+            raise ValueError(f"depth.sidecar_max_mb must be > 0, got {self.sidecar_max_mb}")
+
+    @property
+    def sidecar_max_bytes(self) -> int:
+        return int(self.sidecar_max_mb * 2**20)
 
     def resolved_weights(self) -> str | None:
         return self.weights or DEFAULT_WEIGHTS.get(self.backend)
@@ -96,24 +104,47 @@ def resize_maps(maps: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def parse_sidecar(data: bytes) -> np.ndarray:
+def parse_sidecar(data: bytes, *, frames: int | None = None, size: tuple[int, int] | None = None,
+                  max_bytes: int = 4096 * 2**20) -> np.ndarray:
     """The ``disparity`` array of a ``<stem>.disparity.npz`` sidecar's bytes, ``(T, H, W)`` float32.
 
+    The array's header is checked before its data is inflated (a sidecar is untrusted corpus data: a
+    small npz can declare gigabytes): its shape must fit the video when ``frames`` (frames the video
+    decodes to) and ``size`` (its ``(height, width)`` in display orientation) are given, at most twice
+    the video's size per side, and its data at most ``max_bytes``. An ``.npy`` content is read as well.
     NaN/inf are kept: the quality filter rejects such a clip as degenerate depth, with its scores.
 
     Raises:
-        SampleError: ``DEPTH_MISSING`` when the bytes are not an npz with a 3-D ``disparity`` array.
+        SampleError: ``DEPTH_UNREADABLE`` for bytes that are not one numeric array (truncated, damaged,
+            another dtype, over ``max_bytes``); ``DEPTH_MISMATCH`` for a shape that does not fit the video.
     """
-    import io
-
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            disparity = np.asarray(z["disparity"], dtype=np.float32)
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise SampleError(ErrorCode.DEPTH_MISSING, STAGE, f"unreadable disparity sidecar ({exc})") from None
-    if disparity.ndim != 3:
-        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar must be (T, H, W), got {disparity.shape}")
-    return disparity
+        with ArrayFile(data, member="disparity") as array:
+            check_sidecar_shape(array.shape, frames, size)
+            disparity = array.read(max_bytes)
+    except ArrayFileError as exc:
+        raise SampleError(ErrorCode.DEPTH_UNREADABLE, STAGE, f"unreadable disparity sidecar: {exc}") from None
+    return np.asarray(disparity, dtype=np.float32)
+
+
+def check_sidecar_shape(shape: tuple[int, ...], frames: int | None, size: tuple[int, int] | None) -> None:
+    """Refuse a sidecar shape that cannot belong to the video (before any data is read).
+
+    Raises:
+        SampleError: ``DEPTH_MISMATCH`` naming the shape and what it should be.
+    """
+    if len(shape) != 3 or min(shape) < 1:
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar must be (T, H, W), got {tuple(shape)}")
+    if frames is not None and shape[0] != frames:
+        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar has {shape[0]} frames, the video {frames}")
+    if size is not None:
+        (sh, sw), (vh, vw) = shape[1:], size
+        if abs(sh * vw - sw * vh) > 0.01 * vh * vw:  # a different aspect: not a resized copy of this video
+            raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
+                              f"sidecar is {sw}x{sh}, the video {vw}x{vh} (display orientation): aspects differ")
+        if sh > 2 * vh or sw > 2 * vw:
+            raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
+                              f"sidecar is {sw}x{sh}, more than twice the video's {vw}x{vh}")
 
 
 def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frames: int,
@@ -128,16 +159,8 @@ def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frame
     Raises:
         SampleError: ``DEPTH_MISMATCH`` when the sidecar's frame count differs from the video's.
     """
-    if sidecar.ndim != 3:
-        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE, f"sidecar must be (T, H, W), got {sidecar.shape}")
-    if sidecar.shape[0] != source_frames:
-        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
-                          f"sidecar has {sidecar.shape[0]} frames, the video {source_frames}")
+    check_sidecar_shape(sidecar.shape, source_frames, source_size)
     picked = np.asarray(sidecar[list(indices)], np.float32)
-    (sh, sw), (vh, vw) = picked.shape[1:], source_size
-    if abs(sh * vw - sw * vh) > 0.01 * vh * vw:  # a different aspect: not a resized copy of this video
-        raise SampleError(ErrorCode.DEPTH_MISMATCH, STAGE,
-                          f"sidecar is {sw}x{sh}, the video {vw}x{vh} (display orientation): aspects differ")
     if picked.shape[1:] != tuple(source_size):
         picked = np.stack([cv2.resize(m, (source_size[1], source_size[0]), interpolation=cv2.INTER_LINEAR)
                            for m in picked])

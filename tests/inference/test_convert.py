@@ -143,3 +143,23 @@ def test_real_video_keeps_its_audio(tiny_dav2, toy_wan_model, tmp_path, capsys):
     assert audio_seconds == pytest.approx(5 / 29.97, abs=0.1)  # the audio is cut to the converted frames
     record = json.loads((tmp_path / "dog-sbs.mp4.json").read_text())
     assert record["audio_copied"] is True and record["inpainting"].startswith("model (SASI")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "structured", "fifo"])
+def test_a_hostile_oracle_sidecar_ends_with_one_line_naming_it(step_video, tmp_path, capsys, damage):
+    import os
+    import shutil
+
+    video = tmp_path / "clip.mp4"
+    shutil.copy(step_video[0], video)
+    sidecar = tmp_path / "clip.disparity.npz"
+    if damage == "truncated":  # a partial upload
+        sidecar.write_bytes(open(step_video[0].replace(".mp4", ".disparity.npz"), "rb").read()[:500])
+    elif damage == "structured":
+        np.savez(sidecar, disparity=np.zeros((3, 4, 5), [("d", "f4"), ("c", "f4")]))
+    else:
+        os.mkfifo(sidecar)
+    code, captured = _run(capsys, "convert", str(video), str(tmp_path / "out.mp4"), "--depth", "oracle")
+    assert code == 2 and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1 and "clip.disparity.npz" in captured.err, captured.err
+    assert not (tmp_path / "out.mp4").exists()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import signal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -72,7 +75,7 @@ def _read_all(storage):
     manifest = json.loads(storage.read_bytes("manifest.json"))
     samples, rows = {}, []
     for entry in manifest["shards"]:
-        for sample in wds.WebDataset(_tar_url(storage, entry["path"]), shardshuffle=False):
+        for sample in wds.WebDataset(_tar_url(storage, entry["path"]), shardshuffle=False, empty_check=False):
             samples[sample["__key__"]] = sample
         rows += pq.read_table(io.BytesIO(storage.read_bytes(shard_name(entry["shard"], "parquet")))).to_pylist()
     return manifest, samples, rows
@@ -243,3 +246,78 @@ def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
     assert sorted(recycled) == sorted(plain) and len(rows) == len(plain_rows) >= 3
     assert len({r["worker"] for r in rows}) == len(rows)  # one process per batch
     assert len({r["worker"] for r in plain_rows}) == 1  # the same pool without recycling: one process
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail (instead of hanging CI) when the block runs longer than ``seconds``."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_hostile_inputs_and_sidecars_are_recorded_and_the_job_goes_on(capsys, ray_local, corpus, tmp_path):
+    """One manifest with everything a web corpus throws at the job: damaged, odd and oversized sidecars,
+    a FIFO, a device, a folder, rows that name no file. Every input is one recorded row with its reason,
+    every shard commits, and a rerun with nothing to do leaves manifest.json as it was."""
+    import shutil
+
+    from tests.stages.test_depth import _npz
+
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    scenes = sorted(corpus.glob("scene*.mp4"))
+    good = np.load(str(scenes[0]).replace(".mp4", ".disparity.npz"))["disparity"]
+    sidecars = {
+        "truncated": _npz(disparity=good)[:2000],
+        "structured": _npz(disparity=np.zeros(good.shape, [("d", "f4"), ("c", "f4")])),
+        "bomb": _npz(disparity=np.zeros((good.shape[0] * 16, *(4 * np.array(good.shape[1:]))), np.float32)),
+        "npy_bytes": None,
+    }
+    for name, data in sidecars.items():
+        shutil.copy(scenes[0], hostile / f"{name}.mp4")
+        if data is None:
+            np.save(open(hostile / f"{name}.disparity.npz", "wb"), good)
+        else:
+            (hostile / f"{name}.disparity.npz").write_bytes(data)
+    os.mkfifo(hostile / "fifo.mp4")
+    (hostile / "folder.mp4").mkdir()
+    rows = [scenes[1], *(hostile / f"{n}.mp4" for n in sidecars), hostile / "fifo.mp4", "/dev/zero",
+            hostile / "folder.mp4", "", "http://example.invalid/clip.mp4"]
+    (tmp_path / "inputs.csv").write_text("video,n\n" + "".join(f"{r},{n}\n" for n, r in enumerate(rows)))
+    out = tmp_path / "out"
+    args = ["generate", "--input", str(tmp_path / "inputs.csv"), "--output", str(out), *SMALL[:-1], "shard_size=4",
+            "process.decode.max_clips=1"]
+    with _deadline(240):
+        code, captured = _run(capsys, *args)
+    assert code == 0, captured.err
+    manifest, samples, parquet = _read_all(LocalStorage(out))
+    assert manifest["summary"]["committed_shards"] == 3 and not manifest["summary"]["failed_shards"]
+    verdicts = {r["source"].rsplit("/", 1)[-1]: (r["status"], r["reason"]) for r in parquet}
+    assert len(parquet) == len(rows) == manifest["summary"]["clips"]
+    assert verdicts["truncated.mp4"] == verdicts["structured.mp4"] == ("failed", "depth_unreadable")
+    assert verdicts["bomb.mp4"] == ("failed", "depth_mismatch")
+    assert verdicts["npy_bytes.mp4"][0] in ("ok", "rejected") and verdicts[scenes[1].name][0] in ("ok", "rejected")
+    assert verdicts["fifo.mp4"] == verdicts["zero"] == verdicts["folder.mp4"] == ("failed", "not_a_file")
+    assert verdicts["inputs.csv#row=9"] == verdicts["inputs.csv#row=10"] == ("failed", "invalid_uri")
+    assert samples and len(samples) == sum(r["status"] == "ok" for r in parquet)
+
+    before = (out / "manifest.json").read_bytes()
+    code, captured = _run(capsys, *args)
+    assert code == 0 and "3 already committed, 0 to do" in captured.out
+    assert (out / "manifest.json").read_bytes() == before  # the recorded run figures stay
+
+
+def test_bad_input_lists_fail_before_the_output_exists(capsys, tmp_path):
+    (tmp_path / "ragged.csv").write_text("video,score\na.mp4,1\nb.mp4,2,3\n")
+    for source in (tmp_path / "ragged.csv", tmp_path / "missing.csv", tmp_path / "empty-folder"):
+        code, captured = _run(capsys, "generate", "--input", str(source), "--output", str(tmp_path / "out"), *SMALL)
+        assert code == 2 and len(captured.err.strip().splitlines()) == 1 and str(source) in captured.err
+        assert not (tmp_path / "out").exists()

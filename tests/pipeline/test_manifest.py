@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dreamstereo.pipeline.io.manifest import InputConfig, parse_filter, read_inputs, split_shards
@@ -97,3 +99,40 @@ def test_duplicate_uris_are_dropped(tmp_path):
     (tmp_path / "m.csv").write_text("video\na.mp4\nb.mp4\na.mp4\n")
     videos = read_inputs(str(tmp_path / "m.csv"), InputConfig(base_uri="s3://x/v"))
     assert [v.uri for v in videos] == ["s3://x/v/a.mp4", "s3://x/v/b.mp4"]
+
+
+def test_rows_that_name_no_input_become_invalid_inputs_not_errors(tmp_path):
+    (tmp_path / "m.csv").write_text('video,n\nok.mp4,1\n,2\n"  ",3\nhttp://example.invalid/x.mp4,4\n'
+                                    's3://other/y.mp4,5\n../escape.mp4,6\n/abs/z.mp4,7\n')
+    videos = read_inputs(str(tmp_path / "m.csv"), InputConfig(base_uri="s3://corpus/v"))
+    problems = {v.row["n"]: v.problem for v in videos}
+    assert [v.uri for v in videos if not v.problem] == ["s3://corpus/v/ok.mp4", "s3://other/y.mp4",
+                                                          "s3://corpus/v/../escape.mp4", str(Path("/abs/z.mp4"))]
+    assert "row 2" in problems[2] and "empty 'video' cell" in problems[2] and "empty" in problems[3]
+    assert "unsupported scheme 'http'" in problems[4]
+    # each invalid row keeps a unique, traceable name (its own sample key) and is never read
+    assert [v.uri for v in videos if v.problem] == [f"{tmp_path / 'm.csv'}#row={n}" for n in (2, 3, 4)]
+    confined = read_inputs(str(tmp_path / "m.csv"), InputConfig(base_uri="s3://corpus/v", allow_outside_base=False))
+    outside = {v.row["n"] for v in confined if v.problem and "outside input.base_uri" in v.problem}
+    assert outside == {5, 6, 7}
+
+
+def test_non_text_path_cells_are_invalid_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"video": [1, 2], "score": [1.0, 2.0]}), tmp_path / "m.parquet")
+    videos = read_inputs(str(tmp_path / "m.parquet"), InputConfig())
+    assert all("holds int 1" in v.problem or "holds int 2" in v.problem for v in videos) and len(videos) == 2
+
+
+@pytest.mark.parametrize("text, cfg, needle", [
+    ("", InputConfig(), "cannot be read as CSV"),
+    ("video,score\na.mp4,1\nb.mp4,2,3\n", InputConfig(), "cannot be read as CSV"),  # ragged
+    ("video,score\na.mp4,high\nb.mp4,2\n", InputConfig(filters=["score>1"]), "holds string, not numbers"),
+])
+def test_unreadable_manifests_and_filters_name_the_file(tmp_path, text, cfg, needle):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(ValueError, match=needle) as info:
+        read_inputs(str(tmp_path / "m.csv"), cfg)
+    assert str(tmp_path / "m.csv") in str(info.value)

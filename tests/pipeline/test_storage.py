@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, S3Storage, StorageError, open_storage,
+from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, S3Storage, StorageError, open_storage, read_uri,
                                              register_webdataset_s3)
+from dreamstereo.types import SampleError
 from tests.conftest import S3_SECRET
 
 
@@ -95,3 +96,55 @@ def test_upload_to_a_missing_bucket_is_a_storage_error(s3_env, tmp_path):
     (tmp_path / "f").write_bytes(b"x")
     with pytest.raises(StorageError, match="upload_file failed"):
         S3Storage("s3://no-such-bucket-2/p", S3Config(endpoint_url=s3_env)).upload_file("k", tmp_path / "f")
+
+
+def _read_within(seconds: float, *args, **kwargs):
+    """read_uri in a thread that must finish within ``seconds`` (a FIFO or a device must not block it)."""
+    import threading
+
+    outcome = {}
+
+    def run():
+        try:
+            outcome["data"] = read_uri(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001  (the test inspects whatever came out)
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=seconds)
+    assert not worker.is_alive(), f"read_uri{args} is still reading after {seconds} s"
+    return outcome
+
+
+@pytest.mark.parametrize("kind, code", [("fifo", "not_a_file"), ("device", "not_a_file"), ("folder", "not_a_file"),
+                                        ("large", "too_large"), ("empty_uri", "invalid_uri"),
+                                        ("http", "invalid_uri"), ("not_text", "invalid_uri")])
+def test_inputs_that_are_not_readable_files_are_refused_unread(tmp_path, kind, code):
+    path = tmp_path / "input.mp4"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "large":
+        path.write_bytes(bytes(3000))
+    uri = {"device": "/dev/zero", "empty_uri": " ", "http": "http://example.invalid/a.mp4", "not_text": 17}.get(
+        kind, str(path))
+    outcome = _read_within(10, uri, max_bytes=2048)
+    error = outcome.get("error")
+    assert isinstance(error, SampleError) and error.code.value == code, outcome
+    assert code == "invalid_uri" or str(uri) in error.message
+
+
+def test_a_small_enough_file_is_read_whole_local_and_s3(tmp_path, s3_bucket, s3_env):
+    data = os.urandom(5000)
+    (tmp_path / "v.mp4").write_bytes(data)
+    s3 = S3Config(endpoint_url=s3_env)
+    S3Storage(f"s3://{s3_bucket}", s3).write_bytes("in/v.mp4", data)
+    assert read_uri(str(tmp_path / "v.mp4"), max_bytes=5000) == data
+    assert read_uri(f"s3://{s3_bucket}/in/v.mp4", s3, max_bytes=5000) == data
+    with pytest.raises(SampleError, match="more than the limit") as info:
+        read_uri(f"s3://{s3_bucket}/in/v.mp4", s3, max_bytes=4999)
+    assert info.value.code.value == "too_large"
+    with pytest.raises(StorageError):
+        read_uri(str(tmp_path / "none.mp4"))

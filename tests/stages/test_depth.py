@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import tracemalloc
+
 import numpy as np
 import pytest
 
 from dreamstereo.stages.depth import (DepthAnythingV2, DepthBackendName, DepthConfig, DepthWeightsError,
-                                      align_scale_shift, load_backend, oracle_disparity, resize_maps)
+                                      align_scale_shift, load_backend, oracle_disparity, parse_sidecar,
+                                      resize_maps)
 from dreamstereo.stages.decode import resize_center_crop
 from dreamstereo.types import ErrorCode, SampleError
 
@@ -60,3 +64,48 @@ def test_oracle_with_the_wrong_frame_count_is_a_sample_error():
     with pytest.raises(SampleError) as info:
         oracle_disparity(np.zeros((5, 8, 8), np.float32), (0, 1), 9, (8, 8), (8, 8))
     assert info.value.code is ErrorCode.DEPTH_MISMATCH and "5 frames, the video 9" in str(info.value)
+
+
+def _npz(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("make, code", [
+    (lambda good: good[: len(good) // 2], "depth_unreadable"),  # a partial upload
+    (lambda good: b"\x00" * 100, "depth_unreadable"),
+    (lambda good: _npz(disparity=np.zeros((4, 8, 12), [("d", "f4"), ("c", "f4")])), "depth_unreadable"),
+    (lambda good: _npz(depth=np.zeros((4, 8, 12)), other=np.zeros(2)), "depth_unreadable"),
+    (lambda good: _npz(disparity=np.zeros((5, 8, 12), np.float32)), "depth_mismatch"),  # frames
+    (lambda good: _npz(disparity=np.zeros((4, 8, 8), np.float32)), "depth_mismatch"),  # aspect
+    (lambda good: _npz(disparity=np.zeros((4, 80, 120), np.float32)), "depth_mismatch"),  # 10x the video
+    (lambda good: _npz(disparity=np.zeros((8, 12), np.float32)), "depth_mismatch"),  # not (T, H, W)
+])
+def test_a_bad_sidecar_is_a_sample_error_with_its_code(make, code):
+    good = _npz(disparity=np.ones((4, 8, 12), np.float32))
+    with pytest.raises(SampleError) as info:
+        parse_sidecar(make(good), frames=4, size=(8, 12))
+    assert info.value.code.value == code
+
+
+def test_sidecar_npy_content_under_the_npz_name_is_read():
+    buffer = io.BytesIO()
+    np.save(buffer, np.full((4, 8, 12), 2, np.float16))
+    out = parse_sidecar(buffer.getvalue(), frames=4, size=(8, 12))
+    assert out.dtype == np.float32 and out.shape == (4, 8, 12) and (out == 2).all()
+
+
+def test_a_sidecar_bomb_is_refused_before_it_is_inflated():
+    bomb = _npz(disparity=np.zeros((250, 512, 512), np.float32))  # 250 MiB declared, well under 1 MB stored
+    tracemalloc.start()
+    try:
+        with pytest.raises(SampleError) as info:
+            parse_sidecar(bomb, frames=49, size=(512, 512))
+        with pytest.raises(SampleError, match="more than the limit") as over:
+            parse_sidecar(bomb, frames=250, size=(512, 512), max_bytes=100 * 2**20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code.value == "depth_mismatch" and over.value.code.value == "depth_unreadable"
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"

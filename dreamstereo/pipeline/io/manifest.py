@@ -13,10 +13,13 @@ import glob
 import io
 import logging
 import operator
+import os
+import posixpath
 import re
 from pathlib import Path
 
-from dreamstereo.pipeline.io.storage import S3Config, StorageError, open_storage, uri_exists
+from dreamstereo.pipeline.io.storage import S3Config, StorageError, check_input_uri, open_storage, uri_exists
+from dreamstereo.types import SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +37,16 @@ class InputConfig:
     base_uri: str | None = None  # joined in front of relative paths (a folder or s3://bucket/prefix)
     filters: list[str] = dataclasses.field(default_factory=list)  # e.g. ["aesthetic score>=4.5"]
     limit: int | None = None  # keep the first N inputs (after filtering)
+    # Rows may name absolute paths or full URIs outside base_uri (a manifest that mixes sources); false
+    # records such rows as invalid_uri instead (a job that must read from base_uri only).
+    allow_outside_base: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class InputVideo:
-    uri: str  # local path or s3:// URI
+    uri: str  # local path or s3:// URI; for an invalid row, ``MANIFEST#row=N`` (unique and traceable)
     row: dict  # the manifest row (empty for folders and globs)
+    problem: str | None = None  # why the row names no usable input (recorded as invalid_uri, never read)
 
 
 def parse_filter(text: str):
@@ -75,7 +82,8 @@ def read_inputs(source: str, cfg: InputConfig, s3: S3Config | None = None) -> li
     if not videos:
         raise StorageError(f"no input videos found in {source!r}")
     # Local paths become absolute: sample keys hash the URI, so they must not depend on the cwd.
-    videos = [v if "://" in v.uri else InputVideo(str(Path(v.uri).resolve()), v.row) for v in videos]
+    videos = [v if "://" in v.uri or v.problem else dataclasses.replace(v, uri=str(Path(v.uri).resolve()))
+              for v in videos]
     seen: set[str] = set()
     unique = [v for v in videos if not (v.uri in seen or seen.add(v.uri))]  # first occurrence wins
     if len(unique) < len(videos):  # the same video twice would give the same keys twice
@@ -97,6 +105,7 @@ def _list_videos(source: str, s3: S3Config | None) -> list[str]:
 
 
 def _read_table(source: str, cfg: InputConfig, filters, s3: S3Config | None) -> list[InputVideo]:
+    import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -105,9 +114,14 @@ def _read_table(source: str, cfg: InputConfig, filters, s3: S3Config | None) -> 
         data = io.BytesIO(open_storage(f"s3://{bucket_uri}", s3).read_bytes(key))
     else:
         if not Path(source).is_file():
-            raise StorageError(f"manifest {source!r} does not exist")
+            raise StorageError(f"manifest {source!r} does not exist or is not a regular file")
         data = source
-    table = pq.read_table(data) if source.lower().endswith(".parquet") else pacsv.read_csv(data)
+    parquet = source.lower().endswith(".parquet")
+    try:
+        table = pq.read_table(data) if parquet else pacsv.read_csv(data)
+    except (pa.ArrowException, OSError) as exc:  # empty, ragged, not CSV/parquet at all
+        raise ValueError(f"manifest {source!r} cannot be read as {'parquet' if parquet else 'CSV'}: "
+                         f"{str(exc).splitlines()[0]}") from None
     columns = set(table.column_names)
     if cfg.path_column not in columns:
         raise ValueError(f"manifest {source!r} has no column {cfg.path_column!r} (columns: {sorted(columns)}); "
@@ -115,12 +129,49 @@ def _read_table(source: str, cfg: InputConfig, filters, s3: S3Config | None) -> 
     for column, _, _ in filters:
         if column not in columns:
             raise ValueError(f"input filter on {column!r}: manifest {source!r} has no such column")
+        kind = table.schema.field(column).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
+            raise ValueError(f"input filter on {column!r}: column {column!r} of manifest {source!r} holds {kind}, "
+                             f"not numbers")
     out = []
-    for row in table.to_pylist():
+    for number, row in enumerate(table.to_pylist(), start=1):
         if all(row[c] is not None and op(float(row[c]), v) for c, op, v in filters):
-            out.append(InputVideo(_join(cfg.base_uri, str(row[cfg.path_column])), row))
+            out.append(_input_of_row(source, number, row, cfg))
     logger.info("manifest %s: %d of %d rows selected", source, len(out), table.num_rows)
     return out
+
+
+def _input_of_row(source: str, number: int, row: dict, cfg: InputConfig) -> InputVideo:
+    """The input a manifest row names, or a placeholder carrying why it names none (recorded per input,
+    as ``invalid_uri``, so one bad row neither stops the job nor becomes a retryable read failure)."""
+    value = row[cfg.path_column]
+    if value is None or (isinstance(value, str) and not value.strip()):
+        problem = f"row {number} of {source}: empty {cfg.path_column!r} cell"
+    elif not isinstance(value, str):
+        problem = f"row {number} of {source}: {cfg.path_column!r} holds {type(value).__name__} {value!r}, not a path"
+    else:
+        uri = _join(cfg.base_uri, value)
+        try:
+            check_input_uri(uri)
+        except SampleError as exc:
+            problem = f"row {number} of {source}: {exc.message}"
+        else:
+            if cfg.allow_outside_base or cfg.base_uri is None or _inside(uri, cfg.base_uri):
+                return InputVideo(uri, row)
+            problem = f"row {number} of {source}: {uri!r} is outside input.base_uri {cfg.base_uri!r}"
+    return InputVideo(f"{source}#row={number}", row, problem)
+
+
+def _inside(uri: str, base: str) -> bool:
+    """Whether ``uri`` lies under ``base`` once ``..`` and ``.`` are resolved (local paths and s3:// keys)."""
+    def parts(text: str) -> tuple[str, str]:
+        if "://" in text:
+            scheme, _, rest = text.partition("://")
+            return scheme, posixpath.normpath("/" + rest)
+        return "", os.path.normpath(os.path.abspath(text))
+
+    (scheme, path), (base_scheme, base_path) = parts(uri), parts(base)
+    return scheme == base_scheme and (path == base_path or path.startswith(base_path.rstrip("/") + "/"))
 
 
 def split_shards(videos: list[InputVideo], shard_size: int) -> list[list[InputVideo]]:
@@ -135,7 +186,7 @@ def check_input_access(inputs: list[InputVideo], s3: S3Config | None = None) -> 
     first input of each bucket. A missing object is left to the job (recorded per input)."""
     first: dict[str, str] = {}
     for video in inputs:
-        if video.uri.startswith("s3://"):
+        if video.uri.startswith("s3://") and not video.problem:
             first.setdefault(video.uri[len("s3://"):].partition("/")[0], video.uri)
     for bucket, uri in first.items():
         try:

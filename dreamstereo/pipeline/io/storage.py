@@ -15,8 +15,11 @@ import functools
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from urllib.parse import urlparse
+
+from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -262,19 +265,69 @@ def register_webdataset_s3(s3: S3Config | None = None) -> None:
     webdataset.gopen_schemes["s3"] = opener
 
 
-def read_uri(uri: str, s3: S3Config | None = None) -> bytes:
-    """The bytes of one input file: a local path or ``s3://bucket/key``.
+def read_uri(uri: str, s3: S3Config | None = None, *, max_bytes: int | None = None) -> bytes:
+    """The bytes of one input file: a local path or ``s3://bucket/key``, at most ``max_bytes`` of them.
+
+    A local file is opened without blocking and checked to be a regular file before anything is read
+    (a FIFO would hang, ``/dev/zero`` never ends), then read in bounded pieces.
 
     Raises:
-        StorageError: the file or object does not exist or cannot be read.
+        SampleError: ``INVALID_URI`` (empty, or a scheme other than ``s3://``), ``NOT_A_FILE`` (a FIFO,
+            device or folder), ``TOO_LARGE`` (over ``max_bytes``): problems of the input itself.
+        StorageError: the file or object does not exist or cannot be read (may be transient).
     """
+    check_input_uri(uri)
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://"):].partition("/")
-        return S3Storage(f"s3://{bucket}", s3).read_bytes(key)
+        storage = S3Storage(f"s3://{bucket}", s3)
+        if max_bytes is not None and (size := storage.size(key)) > max_bytes:
+            raise _too_large(uri, size, max_bytes)
+        return storage.read_bytes(key)
     try:
-        return Path(uri).read_bytes()
+        fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens without a writer
     except OSError as exc:
         raise StorageError(f"{uri!r}: cannot read ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "special file")
+        raise SampleError(ErrorCode.NOT_A_FILE, "read", f"{uri!r} is a {kind}, not a regular file")
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        limit = max_bytes if max_bytes is not None else float("inf")
+        pieces, total = [], 0
+        try:
+            while piece := fh.read(_READ_PIECE):
+                total += len(piece)
+                if total > limit:  # also a file that grows while it is read
+                    raise _too_large(uri, max(total, os.fstat(fd).st_size), max_bytes)
+                pieces.append(piece)
+        except OSError as exc:
+            raise StorageError(f"{uri!r}: cannot read ({exc.strerror or exc})") from None
+    return b"".join(pieces)
+
+
+_READ_PIECE = 1 << 24
+_FILE_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISDIR, "folder"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+
+
+def _too_large(uri: str, size: int, max_bytes: int) -> SampleError:
+    return SampleError(ErrorCode.TOO_LARGE, "read", f"{uri!r} is {size / 2**20:.1f} MiB, more than the limit of "
+                                                    f"{max_bytes / 2**20:.1f} MiB (decode.max_input_mb)")
+
+
+def check_input_uri(uri) -> None:
+    """Refuse what cannot name an input: not text, empty, or a scheme other than ``s3://``.
+
+    Raises:
+        SampleError: ``INVALID_URI``, not retryable (the manifest itself is wrong).
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise SampleError(ErrorCode.INVALID_URI, "read", f"no input path (got {uri!r})")
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme and scheme != "s3":
+        raise SampleError(ErrorCode.INVALID_URI, "read", f"{uri!r}: unsupported scheme {scheme!r} (use a local path "
+                                                         f"or s3://bucket/key)")
 
 
 def uri_exists(uri: str, s3: S3Config | None = None) -> bool:
