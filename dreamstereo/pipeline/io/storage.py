@@ -336,9 +336,3 @@ def uri_exists(uri: str, s3: S3Config | None = None) -> bool:
         bucket, _, key = uri[len("s3://"):].partition("/")
         return S3Storage(f"s3://{bucket}", s3).exists(key)
     return Path(uri).is_file()
-
-
-def sibling_uri(uri: str, name: str) -> str:
-    """The URI of file ``name`` in the same folder (or S3 prefix) as ``uri``."""
-    head, sep, _ = uri.rpartition("/")
-    return f"{head}{sep}{name}" if sep else name
