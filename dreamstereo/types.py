@@ -88,6 +88,7 @@ class ErrorCode(str, enum.Enum):
 
     READ_FAILED = "read_failed"  # the input could not be read from storage (may be transient)
     DECODE_FAILED = "decode_failed"  # the bytes are not a readable video
+    DECODE_CRASHED = "decode_crashed"  # the native decoder crashed or hung on it every time (pipeline/isolate.py)
     NO_VIDEO_STREAM = "no_video_stream"  # e.g. an audio-only file
     TOO_SHORT = "too_short"  # fewer frames than one clip needs
     TOO_SMALL = "too_small"  # below the smallest accepted frame size

@@ -42,6 +42,10 @@ class DecodeConfig:
     max_clips: int = 4  # clips per video at most, spread evenly over the video
     buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
     min_short_side: int = 256  # px; smaller videos are rejected as too small, larger ones may be upscaled
+    # Containment (pipeline/isolate.py, not this stage): each video decodes in a child process; one that
+    # crashes or overruns is tried again, then recorded as decode_crashed.
+    attempts: int = 2  # decode children per video at most
+    timeout_s: float = 300.0  # wall-clock seconds per decode child before it is killed
 
     def __post_init__(self):
         if self.clip_frames < 1 or (self.clip_stride is not None and self.clip_stride < 1) or self.max_clips < 1:
@@ -49,6 +53,9 @@ class DecodeConfig:
                              f"{self.clip_frames}, {self.clip_stride}, {self.max_clips}")
         if self.target_fps is not None and not self.target_fps > 0:
             raise ValueError(f"decode.target_fps must be > 0 or None, got {self.target_fps}")
+        if self.attempts < 1 or not self.timeout_s > 0:
+            raise ValueError(f"decode.attempts must be >= 1 and decode.timeout_s > 0, got {self.attempts}, "
+                             f"{self.timeout_s}")
         if not self.buckets or any(len(b) != 2 or min(b) < 2 for b in self.buckets):
             raise ValueError(f"decode.buckets must be [height, width] pairs, got {self.buckets}")
 
