@@ -18,8 +18,9 @@ import numpy as np
 
 from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
+from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
-from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
+from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
 from dreamstereo.stages.pairs import make_pair
@@ -28,7 +29,7 @@ from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
-UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
+UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.DECODE_CRASHED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
 
 
 def sidecar_path(video: str | Path) -> Path:
@@ -143,7 +144,7 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
         raise media.MediaError(f"{str(video)!r}: cannot read ({exc.strerror or exc})") from None
     results: list[ClipResult] = []
     try:
-        probe, clips = decode_clips(data, cfg.decode)
+        probe, clips = decode_contained(data, cfg.decode)  # a native crash comes back as DECODE_CRASHED
     except SampleError as exc:
         if exc.code in UNREADABLE:
             raise media.MediaError(f"{source!r}: {exc.code.value}: {exc.message}") from None

@@ -23,10 +23,11 @@ import time
 import numpy as np
 
 from dreamstereo.pipeline.io.shards import stage_sample
+from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, sibling_uri, uri_exists
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
-from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
+from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips, parse_sidecar
 from dreamstereo.types import ErrorCode, SampleError
 
@@ -86,7 +87,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
         start = time.perf_counter()
         base = {k: row[k] for k in INPUT_COLUMNS}
         try:
-            probe, clips = decode_clips(read_uri(str(row["uri"]), s3), cfg.decode)
+            probe, clips = decode_contained(read_uri(str(row["uri"]), s3), cfg.decode)  # a decoder crash is a row
         except (SampleError, StorageError) as exc:
             code = exc.code if isinstance(exc, SampleError) else ErrorCode.READ_FAILED
             status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"

@@ -71,7 +71,8 @@ def decode_contained(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[C
             return _decode_in_child(data, cfg)
         except _Crashed as exc:
             reason = str(exc)
-            logger.warning("decoder %s (attempt %d/%d, %d bytes of input)", reason, attempt, cfg.attempts, len(data))
+            # debug only: the outcome is recorded with the sample (and `process` prints it as its one line)
+            logger.debug("decoder %s (attempt %d/%d, %d bytes of input)", reason, attempt, cfg.attempts, len(data))
     raise SampleError(ErrorCode.DECODE_CRASHED, STAGE,
                       f"decoder {reason} ({cfg.attempts} attempt{'s' if cfg.attempts > 1 else ''})")
 
