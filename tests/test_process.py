@@ -237,8 +237,9 @@ def test_a_sidecar_of_the_decodable_frames_is_accepted(capsys, tmp_path):
     video = write_video_with_phantom_frame(tmp_path / "phantom.mp4", moving_pattern(20, 64, 96))
     _sidecar_for(video, 20, 64, 96)
     out = tmp_path / "out"
-    code, stdout, err = _run(capsys, "process", video, "--out", str(out), "--depth", "oracle", *SMALL)
+    code, stdout, err = _run(capsys, "process", video, "--out", str(out), "--depth", "oracle", "decode.clip_frames=9",
+                             "decode.buckets=[[64,96]]", "decode.min_short_side=32")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["probe"]["frames"] == 20
+    assert manifest["probe"]["frames"] == 20 and len(manifest["clips"]) == 2
     assert manifest["clips"] and all(c["status"] in ("kept", "rejected") for c in manifest["clips"]), manifest
