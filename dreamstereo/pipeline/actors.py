@@ -137,8 +137,9 @@ def _exists_or_unknown(uri: str, s3) -> bool:
 class Recycled:
     """An actor that replaces its process after ``recycle_after`` batches (0: never), so memory that a
     model or a decoder library leaks over time is returned. The process exits when the next batch
-    arrives; Ray Data's actor pools restart actors that die (``max_restarts=-1``) and retry their
-    tasks (``max_task_retries=-1``), so that batch runs again on the fresh actor: nothing is lost."""
+    arrives; the actor pools restart actors that die and retry their tasks (both bounded by
+    ``ResourcesConfig.actor_restarts``, which counts the recycles), so that batch runs again on the
+    fresh actor: nothing is lost."""
 
     recycle_after = 0
     _batches = 0
