@@ -86,3 +86,65 @@ def test_attempts_and_timeout_are_validated():
         DecodeConfig(attempts=0)
     with pytest.raises(ValueError, match="decode.timeout_s"):
         DecodeConfig(timeout_s=0)
+
+
+def _short_copy(source: Path, path: Path, codec: str, frames: int = 14, size: tuple[int, int] = (48, 80)) -> bytes:
+    """The first ``frames`` frames of a real video at ``size`` (height, width), re-encoded with PyAV: mutants
+    of it decode in milliseconds, and still carry real-camera content."""
+    import av
+
+    with av.open(str(source)) as container:
+        decoded = []
+        for frame in container.decode(video=0):
+            decoded.append(frame.reformat(width=size[1], height=size[0], format="rgb24").to_ndarray())
+            if len(decoded) == frames:
+                break
+    return open(write_video(path, np.stack(decoded), codec=codec), "rb").read()
+
+
+def _mutate(data: bytes, rng: np.random.Generator, kind: str) -> bytes:
+    """One seeded mutation: flipped bytes anywhere, a truncation, or random bytes over the header."""
+    out = bytearray(data)
+    if kind == "flip":
+        for position in rng.integers(0, len(out), size=int(rng.integers(1, 40))):
+            out[position] ^= int(rng.integers(1, 256))
+    elif kind == "truncate":
+        out = out[: int(rng.integers(8, len(out)))]
+    else:  # the first kilobyte holds ftyp/moov (faststart): box sizes, sample tables, codec setup
+        start, size = int(rng.integers(0, min(1024, len(out) - 64))), int(rng.integers(4, 64))
+        out[start:start + size] = rng.bytes(size)
+    return bytes(out)
+
+
+@pytest.mark.realdata
+def test_fuzzed_real_videos_end_as_clips_or_known_sample_errors(tmp_path):
+    """24 seeded mutants of the shared videos, each decoded in a child: every outcome is clips or a
+    SampleError with a decode code; no exception escapes, no crash gets out of the child."""
+    import collections
+    import time
+
+    sources = sorted((SHARED_DATA / "videos").glob("*.mp4"))
+    if not sources:
+        pytest.skip(f"real videos not found in {SHARED_DATA / 'videos'} (set DREAMSTEREO_SHARED_DATA)")
+    codecs = ("libx264", "mpeg4")  # decord and PyAV through two FFmpeg decoders
+    bases = [_short_copy(s, tmp_path / f"{k}.mp4", codecs[k % 2]) for k, s in enumerate(sources)]
+    rng = np.random.default_rng(20261202)
+    mutants = [_mutate(bases[k % len(bases)], rng, ("flip", "truncate", "header")[k % 3]) for k in range(24)]
+    cfg = DecodeConfig(clip_frames=5, max_clips=2, buckets=[[48, 80]], min_short_side=16, timeout_s=10)
+    known = {ErrorCode.DECODE_FAILED, ErrorCode.DECODE_CRASHED, ErrorCode.NO_VIDEO_STREAM, ErrorCode.TOO_SHORT,
+             ErrorCode.TOO_SMALL}
+    outcomes: collections.Counter = collections.Counter()
+    start = time.monotonic()
+    for mutant in mutants:
+        try:
+            probe, clips = decode_contained(mutant, cfg)
+        except SampleError as exc:
+            assert exc.code in known and exc.stage == "decode", exc
+            outcomes[exc.code.value] += 1
+            continue
+        assert clips and all(c.frames.shape == (5, 48, 80, 3) and c.frames.dtype == np.uint8 for c in clips)
+        assert max(max(c.indices) for c in clips) < probe.frames
+        outcomes["clips"] += 1
+    assert time.monotonic() - start < 30, outcomes
+    assert sum(outcomes.values()) == 24 and outcomes["clips"] and outcomes["clips"] < 24, outcomes
+    assert _children() == []
