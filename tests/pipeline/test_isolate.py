@@ -72,13 +72,35 @@ def test_a_decoder_that_overruns_is_killed_and_recorded(tmp_path):
     assert _children() == []
 
 
+_CRASH_SCRIPT = """
+import os, sys
+from dreamstereo.pipeline.isolate import decode_contained
+from dreamstereo.stages.decode import DecodeConfig
+from dreamstereo.types import SampleError
+try:
+    decode_contained(open(sys.argv[1], "rb").read(), DecodeConfig(attempts=3))
+except SampleError as exc:
+    print(exc.code.value, exc.stage, exc.message, sep="|")
+task = f"/proc/{os.getpid()}/task"
+print("children:", sum(len(open(f"{task}/{t}/children").read().split()) for t in os.listdir(task)))
+"""
+
+
 def test_a_native_crash_is_a_recorded_failure_after_bounded_attempts():
-    data = _hostile()
-    with pytest.raises(SampleError) as info:
-        decode_contained(data, dataclasses.replace(DecodeConfig(), attempts=3))
-    assert info.value.code is ErrorCode.DECODE_CRASHED and ErrorCode.DECODE_CRASHED not in RETRYABLE_CODES
-    assert info.value.message == "decoder killed by SIGSEGV (3 attempts)" and info.value.stage == "decode"
-    assert _children() == []
+    """In a fresh interpreter, as `process` and a Ray decode task run it (whether the hostile file's
+    invalid read faults depends on the heap the decoder finds: after other decodes in this test process
+    it sometimes does not)."""
+    import subprocess
+    import sys
+
+    _hostile()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.pop("PYTHONFAULTHANDLER", None)
+    proc = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, str(HOSTILE)], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr  # the interpreter that asked survives
+    assert proc.stdout.splitlines() == ["decode_crashed|decode|decoder killed by SIGSEGV (3 attempts)", "children: 0"]
+    assert ErrorCode.DECODE_CRASHED not in RETRYABLE_CODES
 
 
 def test_attempts_and_timeout_are_validated():
