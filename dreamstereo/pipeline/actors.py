@@ -5,7 +5,8 @@ One row per clip flows through ``decode_batch`` (CPU: read the input, decode cli
 PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
 storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
-``reason``); anything else raises, and Ray retries the task.
+``reason``), a decoder crash included (the decode runs in a child process: pipeline/isolate.py); anything
+else raises, and Ray retries the task a bounded number of times (``resources.worker_retries``).
 
 Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a pickled dict.
 """
