@@ -29,7 +29,8 @@ from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
-UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.DECODE_CRASHED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
+# The video itself cannot be read (a decoder crash included): exit 2 with one line.
+UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.DECODE_CRASHED, ErrorCode.NO_VIDEO_STREAM)
 
 
 def sidecar_path(video: str | Path) -> Path:
