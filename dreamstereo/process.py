@@ -18,10 +18,11 @@ import numpy as np
 
 from dreamstereo import __version__, media, preview
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
-from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
-from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
-from dreamstereo.pipeline.io.storage import StorageError, read_uri
 from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.pipeline.io.storage import StorageError, read_uri
+from dreamstereo.pipeline.isolate import decode_contained
+from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
+from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity
 from dreamstereo.stages.pairs import make_pair
@@ -30,7 +31,8 @@ from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
-UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.NO_VIDEO_STREAM)  # the video itself cannot be read
+# The video itself cannot be read (a decoder crash included): exit 2 with one line.
+UNREADABLE = (ErrorCode.DECODE_FAILED, ErrorCode.DECODE_CRASHED, ErrorCode.NO_VIDEO_STREAM)
 
 
 @dataclasses.dataclass
@@ -125,7 +127,7 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
         raise media.MediaError(str(exc)) from None
     results: list[ClipResult] = []
     try:
-        probe, clips = decode_clips(data, cfg.decode)
+        probe, clips = decode_contained(data, cfg.decode)  # a native crash comes back as DECODE_CRASHED
     except SampleError as exc:
         if exc.code in UNREADABLE:
             raise media.MediaError(f"{source!r}: {exc.code.value}: {exc.message}") from None

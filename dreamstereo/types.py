@@ -91,6 +91,7 @@ class ErrorCode(str, enum.Enum):
     NOT_A_FILE = "not_a_file"  # the input is a FIFO, a device or a folder, not a regular file
     TOO_LARGE = "too_large"  # the input is larger than decode.max_input_mb
     DECODE_FAILED = "decode_failed"  # the bytes are not a readable video
+    DECODE_CRASHED = "decode_crashed"  # the native decoder crashed or hung on it every time (pipeline/isolate.py)
     NO_VIDEO_STREAM = "no_video_stream"  # e.g. an audio-only file
     TOO_SHORT = "too_short"  # fewer frames than one clip needs
     TOO_SMALL = "too_small"  # below the smallest accepted frame size

@@ -258,3 +258,43 @@ def test_a_hostile_sidecar_is_a_sample_failure_with_its_reason(capsys, tmp_path,
     else:
         assert {(c["status"], c["reason"]) for c in clips} == {(status, reason)}
         assert f"{clips[0]['key']}: {status} ({reason})" in stdout
+
+
+def test_a_decoder_crash_is_one_error_line(tmp_path):
+    """The hostile video kills the clip decoder with SIGSEGV: `process` (a real CLI process, so a crash
+    would show as its exit status) exits 2 with one line naming the file and decode_crashed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = SHARED_DATA / "hostile" / "dolphins_mutated_segv.mp4"
+    if not source.is_file():
+        pytest.skip(f"hostile video not found at {source} (set DREAMSTEREO_SHARED_DATA)")
+    video = tmp_path / "crasher.mp4"
+    shutil.copy(source, video)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PYTHONFAULTHANDLER", None)
+    proc = subprocess.run([sys.executable, "-m", "dreamstereo.cli", "process", str(video), "--out", str(out),
+                           "--depth", "oracle"], capture_output=True, text=True, timeout=120, env=env)
+    ours = [line for line in proc.stderr.splitlines() if "dreamstereo" in line]  # FFmpeg's own notes aside
+    assert proc.returncode == 2, proc.stderr
+    assert ours == [f"dreamstereo process: error: {str(video)!r}: decode_crashed: decoder killed by SIGSEGV "
+                    f"(2 attempts)"]
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_a_sidecar_of_the_decodable_frames_is_accepted(capsys, tmp_path):
+    """The container lists 21 frames, 20 decode; the oracle sidecar has 20 maps: no depth_mismatch."""
+    from tests.videos import write_video_with_phantom_frame
+
+    video = write_video_with_phantom_frame(tmp_path / "phantom.mp4", moving_pattern(20, 64, 96))
+    _sidecar_for(video, 20, 64, 96)
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "process", video, "--out", str(out), "--depth", "oracle", "decode.clip_frames=9",
+                             "decode.buckets=[[64,96]]", "decode.min_short_side=32")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["probe"]["frames"] == 20 and len(manifest["clips"]) == 2
+    assert manifest["clips"] and all(c["status"] in ("kept", "rejected") for c in manifest["clips"]), manifest

@@ -48,6 +48,33 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 24, *, codec:
     return path
 
 
+def write_video_with_phantom_frame(path: str | Path, frames: np.ndarray, fps: float = 24) -> str:
+    """An H.264 .mp4 whose container lists ``len(frames) + 1`` frames while only ``len(frames)`` decode.
+
+    The extra sample, one frame after the last, holds only an access unit delimiter (a NAL unit with no
+    picture): decoders accept it and return no frame, as with the real clip whose header says 142 frames
+    and which decodes to 141 (PyAV, OpenCV; decord's ``len()`` says 142).
+    """
+    path = str(path)
+    with av.open(path, "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "8", "bf": "0"}
+        packets = []
+        for frame in frames:
+            packets += stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24"))
+        packets += stream.encode()
+        step = packets[-1].pts - packets[-2].pts  # encoder time base, before muxing rescales the packets
+        phantom = av.Packet(b"\x00\x00\x00\x02\x09\xf0")  # length-prefixed AUD NAL (type 9)
+        phantom.time_base, phantom.duration = packets[-1].time_base, step
+        phantom.pts = phantom.dts = packets[-1].pts + step
+        phantom.stream = stream
+        for packet in packets + [phantom]:
+            container.mux(packet)
+    return path
+
+
 def write_audio_only(path: str | Path, seconds: float = 1.0) -> str:
     """An .mp4 with one AAC audio stream and no video."""
     path = str(path)

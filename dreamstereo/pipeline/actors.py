@@ -5,7 +5,8 @@ One row per clip flows through ``decode_batch`` (CPU: read the input, decode cli
 PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
 storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
-``reason``); anything else raises, and Ray retries the task.
+``reason``), a decoder crash included (the decode runs in a child process: pipeline/isolate.py); anything
+else raises, and Ray retries the task a bounded number of times (``resources.worker_retries``).
 
 Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a pickled dict.
 """
@@ -23,11 +24,12 @@ import time
 import numpy as np
 
 from dreamstereo.pipeline.io.shards import stage_sample
-from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, uri_exists
 from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, uri_exists
+from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.process import process_clip, raw_clip
 from dreamstereo.sample import make_key
-from dreamstereo.stages.decode import Clip, VideoProbe, decode_clips
+from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.types import ErrorCode, SampleError
 
@@ -89,8 +91,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
         try:
             if isinstance(row["problem"], str) and row["problem"]:  # "" when the row is fine
                 raise SampleError(ErrorCode.INVALID_URI, "read", str(row["problem"]))
-            probe, clips = decode_clips(read_uri(str(row["uri"]), s3, max_bytes=cfg.decode.max_input_bytes),
-                                        cfg.decode)
+            data = read_uri(str(row["uri"]), s3, max_bytes=cfg.decode.max_input_bytes)
+            probe, clips = decode_contained(data, cfg.decode)  # a decoder crash is a row, not a lost worker
         except (SampleError, StorageError) as exc:
             code = exc.code if isinstance(exc, SampleError) else ErrorCode.READ_FAILED
             status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"
@@ -138,8 +140,9 @@ def _exists_or_unknown(uri: str, s3) -> bool:
 class Recycled:
     """An actor that replaces its process after ``recycle_after`` batches (0: never), so memory that a
     model or a decoder library leaks over time is returned. The process exits when the next batch
-    arrives; Ray Data's actor pools restart actors that die (``max_restarts=-1``) and retry their
-    tasks (``max_task_retries=-1``), so that batch runs again on the fresh actor: nothing is lost."""
+    arrives; the actor pools restart actors that die and retry their tasks (both bounded by
+    ``ResourcesConfig.actor_restarts``, which counts the recycles), so that batch runs again on the
+    fresh actor: nothing is lost."""
 
     recycle_after = 0
     _batches = 0

@@ -50,6 +50,22 @@ class ResourcesConfig:
     batch_size: int = 1  # clips per batch through each operator
     recycle_after: int = 0  # batches before a depth/pair actor replaces its process (0: never)
     max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
+    # Ray re-runs of a decode task, and restarts of an actor (with re-runs of its batches), after its
+    # worker process died. Ray Data's defaults are unbounded (-1): one input that kills its worker was
+    # retried forever (168 restarts in 11 minutes). Recycling adds the restarts it needs on top.
+    worker_retries: int = 3
+
+    def __post_init__(self):
+        if self.worker_retries < 0 or self.recycle_after < 0:
+            raise ValueError(f"resources.worker_retries and resources.recycle_after must be >= 0, got "
+                             f"{self.worker_retries}, {self.recycle_after}")
+
+    def actor_restarts(self, rows: int) -> int:
+        """Bounded ``max_restarts`` / ``max_task_retries`` for an actor pool seeing at most ``rows`` rows:
+        a recycling actor exits at most once per ``recycle_after`` batches (a batch holds >= 1 row), and
+        each exit re-runs the batches it had queued once, on the fresh process."""
+        recycles = -(-rows // self.recycle_after) if self.recycle_after else 0
+        return self.worker_retries + recycles
 
 
 class GenerateMode(str, enum.Enum):
@@ -100,21 +116,26 @@ def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
     raw = cfg.mode is GenerateMode.RAW
     model_depth = not raw and cfg.process.depth.backend is not DepthBackendName.ORACLE
     check_contract([name for name, _, _ in CONTRACT if name != "depth" or model_depth])
+    # Every retry is bounded (Ray Data's defaults are -1: forever); decode crashes are already contained
+    # in a child process (pipeline/isolate.py), so these only cover workers lost to the machine.
+    rows = len(items) * cfg.process.decode.max_clips  # clip rows at most (an input without clips: one)
+    recycled = {"max_restarts": res.actor_restarts(rows), "max_task_retries": res.actor_restarts(rows)}
     ds = ray.data.from_items(items)
-    ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus,
+    ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus, max_retries=res.worker_retries,
                         fn_kwargs={"cfg": cfg.process, "s3": cfg.s3, "raw": raw})
     if model_depth:
         ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
                             num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
                             fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device,
-                                                   "recycle_after": res.recycle_after})
+                                                   "recycle_after": res.recycle_after}, **recycled)
     depth_weights = cfg.process.depth.resolved_weights() if model_depth else None
     ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
                         fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
-                                               "recycle_after": res.recycle_after})
+                                               "recycle_after": res.recycle_after}, **recycled)
     return ds.map_batches(WriteActor, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=res.write_actors),
+                          max_restarts=res.worker_retries, max_task_retries=res.worker_retries,
                           fn_constructor_kwargs={"output": output, "s3": cfg.s3})
 
 
@@ -213,7 +234,8 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
     commits: dict = {}  # in-flight commit task -> shard
     failed = []
     config = config_hash(cfg)
-    commit_task = ray.remote(commit_shard).options(num_cpus=cfg.resources.write_num_cpus, max_retries=3)
+    commit_task = ray.remote(commit_shard).options(num_cpus=cfg.resources.write_num_cpus,
+                                                   max_retries=cfg.resources.worker_retries)
     progress = _Progress(echo, len(shards), already, len(pending), cfg.progress_every_s)
 
     def collect(timeout: float) -> None:

@@ -43,6 +43,10 @@ class DecodeConfig:
     buckets: list[list[int]] = dataclasses.field(default_factory=lambda: [list(b) for b in DEFAULT_BUCKETS])
     min_short_side: int = 256  # px; smaller videos are rejected as too small, larger ones may be upscaled
     max_input_mb: float = 4096  # larger input files are refused unread (too_large)
+    # Containment (pipeline/isolate.py, not this stage): each video decodes in a child process; one that
+    # crashes or overruns is tried again, then recorded as decode_crashed.
+    attempts: int = 2  # decode children per video at most
+    timeout_s: float = 300.0  # wall-clock seconds per decode child before it is killed
 
     @property
     def max_input_bytes(self) -> int:
@@ -56,6 +60,9 @@ class DecodeConfig:
             raise ValueError(f"decode.target_fps must be > 0 or None, got {self.target_fps}")
         if not self.max_input_mb > 0:
             raise ValueError(f"decode.max_input_mb must be > 0, got {self.max_input_mb}")
+        if self.attempts < 1 or not self.timeout_s > 0:
+            raise ValueError(f"decode.attempts must be >= 1 and decode.timeout_s > 0, got {self.attempts}, "
+                             f"{self.timeout_s}")
         if not self.buckets or any(len(b) != 2 or min(b) < 2 for b in self.buckets):
             raise ValueError(f"decode.buckets must be [height, width] pairs, got {self.buckets}")
 
@@ -207,19 +214,57 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
                                                               f"expected {probe.height}x{probe.width}x3")
         return resize_center_crop(frames, bucket)
 
+    end_s = decodable_end_s(data)
     try:
-        clips, fps, decoded, count = _decode_with_decord(data, probe, cfg, shrink)
+        clips, fps, decoded, count = _decode_with_decord(data, probe, cfg, shrink, end_s)
     except _DecordCannot:
-        clips, fps, decoded, count = _decode_with_pyav(data, probe, cfg, shrink)
+        clips, fps, decoded, count = _decode_with_pyav(data, probe, cfg, shrink, end_s)
     probe = dataclasses.replace(probe, frames=count)  # what decodes, not what the container claims
     return probe, [Clip(frames, tuple(int(i) for i in indices), fps, bucket) for indices, frames in zip(clips, decoded)]
+
+
+_TIME_TOLERANCE_S = 1e-3  # decord's timestamps are float32 seconds; real frames are never 1 ms apart
+
+
+def decodable_end_s(data: bytes) -> float | None:
+    """Presentation time (seconds) of the last frame that actually decodes, or None when unknown.
+
+    Containers can list frames that do not decode (measured here: a real H.264 clip says 142 frames,
+    PyAV and OpenCV decode 141, decord's ``len()`` says 142 and its ``get_batch`` fails on the last
+    index). Only the tail matters, so this seeks to the last keyframe and decodes from there to the end
+    (one GOP: 0.13 s for the last 39 frames of a 1280x720 clip here) and stops at the first packet
+    that does not decode.
+    """
+    last = None
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            container.seek(2 ** 62, stream=stream, backward=True)  # lands on the last keyframe
+            try:
+                for frame in container.decode(stream):
+                    if frame.pts is not None:
+                        last = frame.pts if last is None else max(last, frame.pts)
+            except (av.FFmpegError, ValueError) as exc:  # a broken tail packet: what decoded before it counts
+                logger.debug("tail decode stopped (%s)", str(exc)[:100])
+            time_base = float(stream.time_base)
+    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+        logger.debug("cannot seek to the tail (%s); trusting the container's frame list", str(exc)[:100])
+        return None
+    return None if last is None else last * time_base
+
+
+def _decodable(timestamps: np.ndarray, end_s: float | None) -> np.ndarray:
+    """The leading timestamps up to the last decodable frame (all of them when that is unknown)."""
+    if end_s is None:
+        return timestamps
+    return timestamps[: int(np.searchsorted(timestamps, end_s + _TIME_TOLERANCE_S, side="right"))]
 
 
 class _DecordCannot(Exception):
     """decord could not open the stream (e.g. AV1); PyAV takes over."""
 
 
-def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink):
+def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink, end_s: float | None):
     import decord  # imported here so a worker process sets up its own library state
 
     try:
@@ -228,7 +273,7 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrin
         logger.debug("decord cannot open the stream (%s); decoding with PyAV", str(exc)[:100])
         raise _DecordCannot from None
     try:
-        timestamps = reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64)
+        timestamps = _decodable(reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64), end_s)
         clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
         return clips, fps, [shrink(reader.get_batch(indices).asnumpy()) for indices in clips], len(timestamps)
     except SampleError:
@@ -239,22 +284,29 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrin
         raise _DecordCannot from None
 
 
-def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink):
-    """Two passes: packet timestamps to plan the clips, then decode up to the last frame needed."""
+def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink, end_s: float | None):
+    """Two passes: packet timestamps to plan the clips, then decode up to the last frame needed (a frame
+    finds its index by its timestamp, so a packet that yields no frame shifts nothing)."""
     try:
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
-            timestamps = np.asarray(pts, np.float64) * float(stream.time_base)
+            timestamps = _decodable(np.asarray(pts, np.float64) * float(stream.time_base), end_s)
+        pts = pts[:len(timestamps)]
+        position = {p: k for k, p in enumerate(pts)}
         clips, fps = plan_clips(timestamps, probe.fps, cfg)
         wanted = {i for clip in clips for i in clip}
         frames: dict[int, np.ndarray] = {}
         with av.open(io.BytesIO(data)) as container:
-            for index, frame in enumerate(container.decode(container.streams.video[0])):
+            for count, frame in enumerate(container.decode(container.streams.video[0])):
+                index = position.get(frame.pts, count)  # no timestamp (or an unknown one): decode order
                 if index in wanted:
                     frames[index] = shrink(np.rot90(frame.to_ndarray(format="rgb24"), k=probe.rotation // 90)[None])[0]
                 if index >= max(wanted):
                     break
+        missing = sorted(wanted - frames.keys())
+        if missing:
+            raise SampleError(ErrorCode.DECODE_FAILED, STAGE, f"frame(s) {missing[:5]} of {len(pts)} did not decode")
         return clips, fps, [np.stack([frames[i] for i in clip]) for clip in clips], len(timestamps)
     except SampleError:
         raise

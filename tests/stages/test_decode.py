@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from dreamstereo.stages.decode import DecodeConfig, choose_bucket, decode_clips, plan_clips, probe_video, resize_center_crop
+from dreamstereo.stages.depth import oracle_for_clips
 from dreamstereo.types import ErrorCode, SampleError
-from tests.videos import moving_pattern, write_audio_only, write_video
+from tests.videos import moving_pattern, write_audio_only, write_video, write_video_with_phantom_frame
 
 SMALL = DecodeConfig(clip_frames=5, max_clips=3, buckets=[[48, 64]], min_short_side=16)
 
@@ -148,3 +149,26 @@ def test_truncated_files_never_crash(tmp_path):
             assert exc.code in (ErrorCode.DECODE_FAILED, ErrorCode.TOO_SHORT, ErrorCode.NO_VIDEO_STREAM)
         else:
             assert all(c.frames.shape[1:] == (48, 64, 3) for c in clips)
+
+
+def test_frames_are_counted_as_they_decode_not_as_the_container_says(tmp_path):
+    """A container listing 12 frames of which 11 decode: clips are planned on the 11, the last listed
+    index is never read, and an oracle sidecar written per decoded frame (11 maps) is accepted."""
+    frames = moving_pattern(11, 48, 64)
+    data = _bytes(write_video_with_phantom_frame(tmp_path / "phantom.mp4", frames))
+    assert probe_video(data).frames == 12  # what the header says
+    cfg = DecodeConfig(clip_frames=11, buckets=[[48, 64]], min_short_side=16)
+    # decord's threaded reader hits the phantom sample only sometimes (then PyAV took over and counted
+    # right): repeat so that counting what the container lists cannot pass by chance.
+    counts = {decode_clips(data, cfg)[0].frames for _ in range(8)}
+    assert counts == {11}
+    probe, clips = decode_clips(data, cfg)
+    assert probe.frames == 11 and [c.indices for c in clips] == [tuple(range(11))]
+    assert np.abs(clips[0].frames.astype(float) - frames).mean() < 8  # the real frames, in order
+    sidecar = np.ones((11, 48, 64), np.float32)
+    (relative,) = oracle_for_clips(sidecar, clips, probe.frames, (probe.height, probe.width))
+    assert not isinstance(relative, SampleError) and relative.shape == (11, 48, 64)
+    # A clip that would need the phantom frame does not fit: too short, not a decode failure.
+    with pytest.raises(SampleError) as info:
+        decode_clips(data, DecodeConfig(clip_frames=12, buckets=[[48, 64]], min_short_side=16))
+    assert info.value.code is ErrorCode.TOO_SHORT and "11 frame(s)" in info.value.message
