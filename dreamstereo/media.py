@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from dreamstereo.arrays import ArrayFile, ArrayFileError
+from dreamstereo.stages.decode import TIME_TOLERANCE_S, decodable_end_s
 
 logger = logging.getLogger(__name__)
 
@@ -239,19 +240,27 @@ def _open_video(path: Path):
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Frame count, frame rate and size of a video, without decoding it."""
+    """Frame count, frame rate and size of a video, decoding only its last GOP.
+
+    The count is of the frames that decode: a container can list a frame that does not (then a
+    disparity file of the decodable frames fits), so packets after the last decodable frame do not count.
+    """
     path = Path(path)
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        frames = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        listed = stream.frames
+        times = np.sort([float(p.pts * p.time_base) for p in container.demux(stream) if p.size and p.pts is not None])
         width, height = stream.codec_context.width, stream.codec_context.height
     except (av.FFmpegError, IndexError, OSError) as exc:
         raise MediaError(f"{str(path)!r}: cannot read video ({type(exc).__name__}: {exc})") from None
     finally:
         container.close()
-    return VideoInfo(frames=int(frames), fps=fps, width=int(width), height=int(height))
+    with open(path, "rb") as fh:
+        end = decodable_end_s(fh)
+    frames = len(times) if end is None else int(np.searchsorted(times, end + TIME_TOLERANCE_S, side="right"))
+    return VideoInfo(frames=frames or listed, fps=fps, width=int(width), height=int(height))
 
 
 def iter_video(path: str | Path, chunk_frames: int = 16) -> Iterator[np.ndarray]:

@@ -219,3 +219,17 @@ def test_unusable_output_paths_exit_2_before_any_work(capsys, tmp_path, image_pa
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert stdout == ""  # nothing was computed or printed first
     assert a_file.read_text() == "x"
+
+
+def test_pbdp_takes_a_disparity_of_the_frames_that_decode(capsys, tmp_path):
+    """The container lists 13 frames and 12 decode: a 12-map disparity fits, a 13-map one does not."""
+    from tests.videos import moving_pattern, write_video_with_phantom_frame
+
+    video = write_video_with_phantom_frame(tmp_path / "phantom.mp4", moving_pattern(12, 32, 48))
+    np.save(tmp_path / "d12.npy", np.full((12, 32, 48), 2.0, np.float32))
+    np.save(tmp_path / "d13.npy", np.full((13, 32, 48), 2.0, np.float32))
+    code, _, err = _run(capsys, "pbdp", video, "--disparity", str(tmp_path / "d12.npy"), "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["frames"] == 12
+    code, _, err = _run(capsys, "pbdp", video, "--disparity", str(tmp_path / "d13.npy"), "--out", str(tmp_path / "p"))
+    assert code == 2 and "(13, 32, 48)" in err and "(12, 32, 48)" in err

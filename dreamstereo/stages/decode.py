@@ -19,6 +19,7 @@ import dataclasses
 import io
 import logging
 import math
+import typing
 
 import av
 import cv2
@@ -223,11 +224,13 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
     return probe, [Clip(frames, tuple(int(i) for i in indices), fps, bucket) for indices, frames in zip(clips, decoded)]
 
 
-_TIME_TOLERANCE_S = 1e-3  # decord's timestamps are float32 seconds; real frames are never 1 ms apart
+TIME_TOLERANCE_S = 1e-3  # decord's timestamps are float32 seconds; real frames are never 1 ms apart
 
 
-def decodable_end_s(data: bytes) -> float | None:
+def decodable_end_s(data: bytes | typing.BinaryIO) -> float | None:
     """Presentation time (seconds) of the last frame that actually decodes, or None when unknown.
+
+    ``data``: the encoded file's bytes, or a seekable binary file object over them.
 
     Containers can list frames that do not decode (measured here: a real H.264 clip says 142 frames,
     PyAV and OpenCV decode 141, decord's ``len()`` says 142 and its ``get_batch`` fails on the last
@@ -237,7 +240,7 @@ def decodable_end_s(data: bytes) -> float | None:
     """
     last = None
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data) if isinstance(data, bytes) else data) as container:
             stream = container.streams.video[0]
             container.seek(2 ** 62, stream=stream, backward=True)  # lands on the last keyframe
             try:
@@ -257,7 +260,7 @@ def _decodable(timestamps: np.ndarray, end_s: float | None) -> np.ndarray:
     """The leading timestamps up to the last decodable frame (all of them when that is unknown)."""
     if end_s is None:
         return timestamps
-    return timestamps[: int(np.searchsorted(timestamps, end_s + _TIME_TOLERANCE_S, side="right"))]
+    return timestamps[: int(np.searchsorted(timestamps, end_s + TIME_TOLERANCE_S, side="right"))]
 
 
 class _DecordCannot(Exception):
