@@ -142,7 +142,7 @@ def test_rng_states_round_trip_exactly_through_a_weights_only_load(tmp_path):
             torch.rand(2).tolist(), torch.rand(2, generator=generator).tolist()) == expected
 
 
-@pytest.mark.parametrize("planted", ["pickle", "torch.save", "old numpy state", "random bytes"])
+@pytest.mark.parametrize("planted", ["pickle", "torch.save", "legacy torch.save", "old numpy state", "random bytes"])
 def test_a_training_state_that_is_not_plain_data_is_refused_unread(tmp_path, planted):
     import pickle
 
@@ -155,6 +155,8 @@ def test_a_training_state_that_is_not_plain_data_is_refused_unread(tmp_path, pla
         path.write_bytes(pickle.dumps({"optimizer": _Payload(marker)}))
     elif planted == "torch.save":
         torch.save({"format": ckpt.STATE_FORMAT, "optimizer": _Payload(marker)}, path)
+    elif planted == "legacy torch.save":  # torch's older format: a bare pickle after a magic number
+        torch.save({"optimizer": _Payload(marker)}, path, _use_new_zipfile_serialization=False)
     elif planted == "old numpy state":  # what dreamstereo wrote before: numpy's RNG state pickled
         torch.save({"optimizer": {}, "scheduler": {}, "step": 1, "samples": 2, "data": {},
                     "rng": [{"numpy": np.random.get_state()}]}, path)
