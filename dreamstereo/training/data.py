@@ -393,6 +393,26 @@ class TrainBatches(torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.cfg.num_workers,
                                            persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
 
+    def batches(self) -> Iterator[dict]:
+        """The batches of :meth:`loader`; a data error from a loader process comes out with its own one-line
+        message (see :func:`worker_message`)."""
+        try:
+            yield from self.loader()
+        except (TrainDataError, DamagedShard) as exc:
+            raise type(exc)(worker_message(exc)) from None
+
+
+def worker_message(exc: BaseException) -> str:
+    """The message ``exc`` was raised with, also when a DataLoader process raised it: torch raises it again
+    in the training process as the same class, with the worker's traceback folded into the text
+    (``Caught X in DataLoader worker process N. Original Traceback ... module.X: message``)."""
+    text = str(exc)
+    if not text.startswith("Caught "):
+        return text
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1][len(prefix):] if lines else text
+
 
 def validation_batches(urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int,
                        max_batches: int) -> list[dict]:

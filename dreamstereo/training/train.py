@@ -445,7 +445,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     except ValueError as exc:  # fewer shards than data streams
         raise TrainSetupError(str(exc)) from None
     stream_states = list(dataset.states)
-    batches = iter(dataset.loader())
+    batches = dataset.batches()
     val_set = []
     if val_urls and cfg.log.val_every:
         mine = val_urls[rank::world] if len(val_urls) >= world else val_urls
