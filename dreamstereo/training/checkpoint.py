@@ -384,4 +384,5 @@ def load_training_state(folder: Path, uri: str) -> dict:
 
 def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the tensors holding NaN or infinity."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    with torch.no_grad():
+        return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]

@@ -334,21 +334,12 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
                      cfg: TrainConfig) -> str:
     """Assemble a checkpoint folder locally and commit it to the store (rank 0); ``rng_states`` holds every
     rank's :func:`rng_state`, in rank order. ``training_state.pt`` holds tensors and plain values only
-    (``checkpoint.load_training_state`` reads it without unpickling any object).
-
-    Raises:
-        TrainingDiverged: a trainable weight is NaN or infinite (nothing is committed).
-    """
+    (``checkpoint.load_training_state`` reads it without unpickling any object)."""
     from safetensors.torch import save_file
 
-    weights = wan.trainable_state_dict(transformer)
-    broken = ckpt.nonfinite_tensors(weights)
-    if broken:
-        raise TrainingDiverged(f"step {step}: {len(broken)} trainable tensor(s) hold NaN or infinity (e.g. "
-                               f"{broken[0]}), no checkpoint written: lower optim.lr or set optim.grad_clip")
     with tempfile.TemporaryDirectory(prefix="dreamstereo-ckpt-") as tmp:
         folder = Path(tmp)
-        save_file(weights, str(folder / ckpt.ADAPTER_FILE), metadata={"format": "pt"})
+        save_file(wan.trainable_state_dict(transformer), str(folder / ckpt.ADAPTER_FILE), metadata={"format": "pt"})
         lora_config = transformer.peft_config["default"].to_dict()
         lora_config = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.items()}
         (folder / ckpt.ADAPTER_CONFIG_FILE).write_text(json.dumps(lora_config, indent=2, default=str))
@@ -412,9 +403,8 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     decided = None
     if master:
         try:
-            ckpt.check_location(store)
             ckpt.clean_leftovers(store)  # before `latest` is looked for: a restored step counts
-            check_checkpoints(cfg)
+            check_checkpoints(cfg)  # (also: the store's local path must be able to become a folder)
             if cfg.overwrite and store.steps():
                 logger.warning("overwrite=true: deleting the checkpoints %s under %s", store.steps(), store.uri)
                 store.clear()
@@ -577,6 +567,13 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
                 window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
 
         if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or step == cfg.max_steps:
+            # Finite loss and gradients can still step a weight to infinity (a huge finite optim.lr); the
+            # weights are the same on every rank, so every rank stops here and no rank waits for rank 0.
+            broken = ckpt.nonfinite_tensors({n: p for n, p in transformer.named_parameters() if p.requires_grad})
+            if broken:
+                raise TrainingDiverged(f"step {step}: {len(broken)} trainable tensor(s) hold NaN or infinity (e.g. "
+                                       f"{broken[0]}), no checkpoint written (last: "
+                                       f"{last_checkpoint or 'none this run'}); lower optim.lr (now {cfg.optim.lr})")
             per_rank = gather((list(stream_states), rng_state(generator)), world)  # [(streams, rng)] by rank
             if master:
                 data = {"world": world, "streams": streams, "batches_done": batches_done,
