@@ -21,8 +21,8 @@ first renamed aside and deleted only after the new one is in place. A save kille
 ``.step-NNNNNNNN.tmp-PID`` (a partial copy) or, between the two renames, ``.step-NNNNNNNN.old-PID`` (the
 previous checkpoint of that step, then its only copy): ``clean_leftovers`` deletes the first and puts the
 second back at the next start. On S3 every object appears whole when its PUT
-completes and ``meta.json`` is uploaded last, so a folder without it is ignored and overwritten by the next
-save (as the generation job's shards do with their stats files); an existing checkpoint of the same step
+completes and ``meta.json`` is uploaded last, so a folder without it is ignored, overwritten by the next
+save of its step (as the generation job's shards do with their stats files) and deleted at the next start; an existing checkpoint of the same step
 loses its ``meta.json`` before any new file is uploaded, so it is never seen half old, half new.
 
 A store belongs to one run: ``train`` refuses to start a new run (no ``resume``) in a store that holds
@@ -251,13 +251,26 @@ def clean_leftovers(store: CheckpointStore) -> list[str]:
     container (where PIDs repeat), so "its process is gone" cannot be told from the name. A
     ``.step-NNNNNNNN.old-PID`` that is a committed checkpoint while ``step-NNNNNNNN`` is not (the save died
     between its two renames) is renamed back, so no committed step is lost; every other ``.tmp-`` / ``.old-``
-    folder is deleted.
+    folder is deleted. On S3 a killed save leaves a ``step-NNNNNNNN/`` prefix without ``meta.json``: its
+    objects are deleted.
 
     Returns:
         What was done, one line per leftover (also logged).
     """
+    if store.is_s3:
+        keys = store.storage.list("")
+        steps = {key.split("/")[0] for key in keys if "/" in key and _STEP_DIR.match(key.split("/")[0])}
+        committed = {key.split("/")[0] for key in keys if key.count("/") == 1 and key.endswith(f"/{META_FILE}")}
+        done = []
+        for name in sorted(steps - committed):
+            for key in [k for k in keys if k.startswith(f"{name}/")]:
+                store.storage.delete(key)
+            done.append(f"deleted {name}/ (uncommitted: left by a save that did not finish)")
+        for line in done:
+            logger.warning("checkpoint store %s: %s", store.uri, line)
+        return done
     root = Path(store.uri)
-    if store.is_s3 or not root.is_dir():
+    if not root.is_dir():
         return []
     done = []
     leftovers = sorted((p for p in root.iterdir() if _LEFTOVER.match(p.name) and p.is_dir()),

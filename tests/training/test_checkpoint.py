@@ -192,3 +192,14 @@ def test_a_checkpoint_location_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"'.*/file/checkpoints' lies under '.*/file', which is a file"):
         ckpt.check_location(ckpt.CheckpointStore(str(tmp_path / "file" / "checkpoints")))
     ckpt.check_location(ckpt.CheckpointStore(str(tmp_path / "new" / "checkpoints")))  # made at the first save
+
+
+def test_uncommitted_step_prefixes_on_s3_are_deleted_at_start(s3_bucket, s3_env, tmp_path):
+    store = ckpt.CheckpointStore(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    store.save(1, _folder(tmp_path / "a", "one"))
+    store.storage.upload_file("step-00000002/adapter_model.safetensors",  # a save killed after one upload
+                              tmp_path / "a" / "adapter_model.safetensors")
+    store.storage.write_bytes("notes.txt", b"not a checkpoint: left alone")
+    assert ckpt.clean_leftovers(store) == ["deleted step-00000002/ (uncommitted: left by a save that did not finish)"]
+    assert sorted(store.storage.list("")) == ["notes.txt", "step-00000001/adapter_model.safetensors",
+                                              "step-00000001/meta.json", "step-00000001/training_state.pt"]
