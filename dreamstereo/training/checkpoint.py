@@ -20,10 +20,10 @@ Locally the folder is assembled under a temporary name and renamed (atomic); a f
 first renamed aside and deleted only after the new one is in place. A save killed on the way leaves
 ``.step-NNNNNNNN.tmp-PID`` (a partial copy) or, between the two renames, ``.step-NNNNNNNN.old-PID`` (the
 previous checkpoint of that step, then its only copy): ``clean_leftovers`` deletes the first and puts the
-second back at the next start. On S3 every object appears whole when its PUT
-completes and ``meta.json`` is uploaded last, so a folder without it is ignored, overwritten by the next
-save of its step (as the generation job's shards do with their stats files) and deleted at the next start; an existing checkpoint of the same step
-loses its ``meta.json`` before any new file is uploaded, so it is never seen half old, half new.
+second back at the next start. On S3 every object appears whole when its PUT completes and ``meta.json`` is
+uploaded last, so a folder without it is ignored, overwritten by the next save of its step (as the generation
+job's shards do with their stats files) and deleted at the next start; an existing checkpoint of the same
+step loses its ``meta.json`` before any new file is uploaded, so it is never seen half old, half new.
 
 A store belongs to one run: ``train`` refuses to start a new run (no ``resume``) in a store that holds
 committed checkpoints, unless ``overwrite=true`` clears them first (``check_fresh_start``, ``clear``).
