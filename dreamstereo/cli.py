@@ -265,11 +265,8 @@ def _cmd_convert(args) -> int:
 
 def _cmd_train(args) -> int:
     from dreamstereo.config import load_config
-    from dreamstereo.models.wan_inpaint import WeightsError
-    from dreamstereo.pipeline.io.storage import StorageError
-    from dreamstereo.training.checkpoint import CheckpointConflict
     from dreamstereo.training.config import TrainConfig
-    from dreamstereo.training.train import TrainSetupError, check_config
+    from dreamstereo.training.train import RUN_ERRORS, check_config
 
     cfg = load_config(TrainConfig, [args.train_config, *args.config], args.overrides)
     try:
@@ -284,7 +281,7 @@ def _cmd_train(args) -> int:
 
             result = train(cfg)
             result = {"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None}
-    except (WeightsError, StorageError, TrainSetupError, CheckpointConflict) as exc:  # also out of Ray workers
+    except RUN_ERRORS as exc:  # bad input, a bad setting or a diverged run; also out of Ray workers
         print(f"dreamstereo train: error: {exc}", file=sys.stderr)
         return 2
     loss = result.get("loss")

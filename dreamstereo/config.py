@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -113,7 +114,12 @@ def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: l
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"config file {str(path)!r} does not exist")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            try:  # OmegaConf reads YAML with a safe loader: a !!python/... tag is an error, never code
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {str(path)!r} is not plain YAML: "
+                                  f"{' '.join(str(exc).split())}") from None
+            merged = OmegaConf.merge(merged, loaded)
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except ConfigError:

@@ -58,3 +58,14 @@ def test_resolved_config_round_trips_and_hash_is_stable(tmp_path):
     assert again == cfg
     assert config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(PbdpConfig)) != config_hash(cfg)
+
+
+def test_a_yaml_tag_that_would_build_python_objects_is_a_config_error_and_runs_nothing(tmp_path):
+    marker = tmp_path / "payload-ran"
+    planted = tmp_path / "config.yaml"  # e.g. a checkpoint's config.yaml given back with --config
+    planted.write_text(f"max_steps: !!python/object/apply:os.mkdir [{str(marker)!r}]\n")
+    from dreamstereo.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"config file '.*config.yaml' is not plain YAML: .*python/object/apply"):
+        load_config(TrainConfig, [planted])
+    assert not marker.exists()

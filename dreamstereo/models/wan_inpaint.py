@@ -159,6 +159,19 @@ def _transformer_folder(path: str | Path) -> Path:
     raise WeightsError(f"model {str(path)!r} has no transformer/config.json: provide {DOWNLOAD_HINT}")
 
 
+def _check_safetensors(folder: Path, what: str) -> None:
+    """Model folders come from downloads and exports, i.e. from other machines: weights are read from
+    safetensors only (``use_safetensors=True``), and a folder with only pickled ``.bin``/``.pt`` weights is
+    refused here with a clear line rather than unpickled.
+
+    Raises:
+        WeightsError: no ``*.safetensors`` (or sharded ``*.safetensors.index.json``) in ``folder``.
+    """
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.safetensors.index.json")):
+        raise WeightsError(f"{what} {str(folder)!r} has no .safetensors weights (pickled .bin/.pt weights are "
+                           f"never loaded: unpickling can run code): provide {DOWNLOAD_HINT}")
+
+
 def transformer_config(path: str | Path) -> dict:
     """The ``config.json`` of a model folder's transformer (no weights are read).
 
@@ -200,7 +213,8 @@ def load_inpaint_model(path: str | Path, *, dtype: torch.dtype = torch.float32, 
     from diffusers import WanTransformer3DModel
 
     folder = _transformer_folder(path)
-    transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+    _check_safetensors(folder, "transformer")
+    transformer = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True)
     channels = transformer.config.in_channels
     if channels == LATENT_CHANNELS:
         widen_patch_embedding(transformer)
@@ -278,7 +292,8 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise WeightsError(f"model {str(path)!r} has no vae/config.json: provide {DOWNLOAD_HINT}")
-    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype).to(device)
+    _check_safetensors(folder, "VAE")
+    vae = AutoencoderKLWan.from_pretrained(folder, torch_dtype=dtype, use_safetensors=True).to(device)
     vae.requires_grad_(False)
     return vae.eval()
 
@@ -333,7 +348,7 @@ def compute_prompt_embedding(folder: str | Path, *, prompt: str = "", max_len: i
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise WeightsError(f"{str(folder)!r} needs text_encoder/ and tokenizer/ (as in Wan2.1-T2V-1.3B-Diffusers)")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-    encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder").to(device).eval()
+    encoder = UMT5EncoderModel.from_pretrained(folder / "text_encoder", use_safetensors=True).to(device).eval()
     tokens = tokenizer([prompt.strip()], padding="max_length", max_length=max_len, truncation=True,
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     length = int(tokens.attention_mask.sum())

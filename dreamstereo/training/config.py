@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 from dreamstereo.models.wan_inpaint import LORA_TARGETS
 from dreamstereo.training.data import DataConfig
@@ -122,6 +123,32 @@ class TrainConfig:
     gradient_checkpointing: bool = True  # recompute block activations in backward (memory for time)
 
     def __post_init__(self):
+        """Refuse settings that would train on garbage: NaN/infinite numbers (``optim.lr=inf`` trains NaN
+        weights), out-of-range rates and counts. Comparisons alone let NaN through (``nan <= 0`` is False)."""
+        numbers = {"optim.lr": self.optim.lr, "optim.eps": self.optim.eps,
+                   "optim.weight_decay": self.optim.weight_decay, "optim.grad_clip": self.optim.grad_clip,
+                   "lora.alpha": self.lora.alpha,
+                   "schedule.min_lr_ratio": self.schedule.min_lr_ratio, "flow.shift": self.flow.shift,
+                   "flow.logit_mean": self.flow.logit_mean, "flow.logit_std": self.flow.logit_std,
+                   "flow.mask_weight": self.flow.mask_weight,
+                   **{f"optim.betas[{i}]": b for i, b in enumerate(self.optim.betas)}}
+        bad = [f"{k}={v}" for k, v in numbers.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: must be a finite number")
+        if (self.optim.eps <= 0 or self.optim.weight_decay < 0 or self.optim.grad_clip < 0 or self.lora.alpha <= 0
+                or not all(0 <= b < 1 for b in self.optim.betas)):
+            raise ValueError(f"optim.eps > 0, optim.weight_decay >= 0, optim.grad_clip >= 0 (0 = off), lora.alpha > 0 "
+                             f"and optim.betas in [0, 1) needed, got {self.optim.eps}, {self.optim.weight_decay}, "
+                             f"{self.optim.grad_clip}, {self.lora.alpha}, {self.optim.betas}")
+        if self.schedule.warmup_steps < 0 or not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.warmup_steps >= 0 and schedule.min_lr_ratio in [0, 1] needed, got "
+                             f"{self.schedule.warmup_steps}, {self.schedule.min_lr_ratio}")
+        log = self.log
+        if log.every < 1 or log.val_every < 0 or log.val_batches < 1 or log.checkpoint_every < 0 \
+                or log.keep_checkpoints < 0:
+            raise ValueError(f"log.every >= 1, log.val_batches >= 1, log.val_every, log.checkpoint_every and "
+                             f"log.keep_checkpoints >= 0 needed, got {log.every}, {log.val_batches}, {log.val_every}, "
+                             f"{log.checkpoint_every}, {log.keep_checkpoints}")
         if self.max_steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError(f"max_steps, batch_size, micro_batch_size must be >= 1, got {self.max_steps}, "
                              f"{self.batch_size}, {self.micro_batch_size}")

@@ -20,6 +20,11 @@ Position: the stream's state is ``(visit, skip, window, emitted)``: where the cu
 visit index, samples to skip in that shard), its index and how many of its batches have been emitted.
 Every batch carries the state after it, so a checkpoint stores a few integers per stream and a resumed
 stream re-reads one window of raw bytes (no decoding) and continues with the next batch exactly.
+
+Bad data: a shard that is not a readable tar (random bytes, cut short) is skipped with a warning after the
+samples read before the damage, and counted (``shards_skipped`` on the next batch, summed in
+``metrics.jsonl``); ``data.strict=true`` stops training instead. A stream that finds no clip of
+``num_frames`` frames in a whole pass over its shards stops with ``TrainDataError`` rather than loop.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import enum
 import hashlib
 import json
 import logging
+import tarfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -40,6 +46,14 @@ from dreamstereo.stages.decode import resize_center_crop
 from dreamstereo.training.masks import MaskConfig, random_video_mask
 
 logger = logging.getLogger(__name__)
+
+
+class TrainDataError(ValueError):
+    """Shards that cannot give a single training batch (no samples, every clip too short); says what to change."""
+
+
+class DamagedShard(StorageError):
+    """A shard tar that cannot be read to its end (``data.strict=true``; otherwise it is skipped)."""
 
 
 class TrainStage(str, enum.Enum):
@@ -62,6 +76,7 @@ class DataConfig:
     num_workers: int = 2  # DataLoader processes per training worker (0 = decode in the training process)
     masks: MaskConfig = dataclasses.field(default_factory=MaskConfig)  # Stage 1 random masks
     s3: S3Config = dataclasses.field(default_factory=S3Config)  # endpoint/region; keys come from the environment
+    strict: bool = False  # a damaged shard tar ends training; False = skip it with a warning (shards_skipped)
 
     def __post_init__(self):
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
@@ -117,6 +132,18 @@ def iter_raw_samples(url: str, s3: S3Config | None = None) -> Iterator[dict]:
         yield from group_by_keys(files)
     finally:
         stream.close()
+
+
+def damaged_shard(url: str, exc: tarfile.TarError, cfg: DataConfig) -> None:
+    """Deal with a shard tar that broke off (``exc``): raise with ``cfg.strict``, else warn (the caller skips it).
+
+    Raises:
+        DamagedShard: ``cfg.strict`` is set.
+    """
+    if cfg.strict:
+        raise DamagedShard(f"shard {url} is not a readable tar ({exc}): regenerate or remove it, or set "
+                           f"data.strict=false to skip damaged shards") from None
+    logger.warning("shard %s is not a readable tar (%s): skipped from there on (data.strict=false)", url, exc)
 
 
 def sample_members(raw: dict) -> dict:
@@ -253,6 +280,7 @@ class ShardStream:
         if not urls:
             raise ValueError(f"stream {stream_id} has no shards")
         self.urls, self.cfg, self.batch_size, self.seed, self.stream_id = urls, cfg, batch_size, seed, stream_id
+        self.skipped = 0  # damaged shard visits not yet reported on a batch
 
     def _shard_of_visit(self, visit: int) -> str:
         n = len(self.urls)
@@ -263,14 +291,19 @@ class ShardStream:
         """``(raw sample, visit, index after it)`` from a position on, endlessly."""
         empty_visits = 0
         while True:
-            count = 0
-            for index, raw in enumerate(iter_raw_samples(self._shard_of_visit(visit), self.cfg.s3)):
-                count += 1
-                if index >= skip:
-                    yield raw, visit, index + 1
+            count, url = 0, self._shard_of_visit(visit)
+            try:
+                for index, raw in enumerate(iter_raw_samples(url, self.cfg.s3)):
+                    count += 1
+                    if index >= skip:
+                        yield raw, visit, index + 1
+            except tarfile.TarError as exc:
+                damaged_shard(url, exc, self.cfg)
+                self.skipped += 1
             empty_visits = empty_visits + 1 if count == 0 else 0
             if empty_visits > len(self.urls):
-                raise ValueError(f"stream {self.stream_id}: its shards hold no samples")
+                raise TrainDataError(f"data stream {self.stream_id}: its {len(self.urls)} shard(s) hold no readable "
+                                     f"sample (e.g. {self.urls[0]})")
             visit, skip = visit + 1, 0
 
     def batches(self, state: dict | None = None) -> Iterator[dict]:
@@ -280,6 +313,7 @@ class ShardStream:
         window, emitted = state["window"], state["emitted"]
         raws = self._raw(*start)
         idle = 0
+        usable_visit = start[0]  # the shard visit of the latest window that gave a clip of num_frames frames
         while True:
             chunk, end = [], start
             for raw, visit, after in raws:
@@ -291,18 +325,25 @@ class ShardStream:
             plan = plan_window(chunk, rng, self.batch_size, self.cfg.buckets)
             idle = 0 if plan else idle + 1
             if idle > 100:
-                raise ValueError(f"no bucket reached batch_size={self.batch_size} in 100 shuffle windows of "
+                raise TrainDataError(f"no bucket reached batch_size={self.batch_size} in 100 shuffle windows of "
                                  f"{self.cfg.shuffle_buffer} samples: raise data.shuffle_buffer")
             for index, (bucket, group) in enumerate(plan):
                 if index < emitted:
+                    usable_visit = end[0]  # emitted before the checkpoint, so it had clips
                     continue
                 examples = [e for e in (decode_raw(r, self.cfg, bucket, self.seed, window) for r in group) if e]
                 if not examples:
                     continue
+                usable_visit = end[0]
                 batch = collate(examples)
                 batch["stream"] = self.stream_id
                 batch["state"] = {"visit": start[0], "skip": start[1], "window": window, "emitted": index + 1}
+                batch["shards_skipped"], self.skipped = self.skipped, 0
                 yield batch
+            if plan and end[0] - usable_visit > len(self.urls):  # a whole pass decoded, not one clip long enough
+                raise TrainDataError(f"data stream {self.stream_id}: no clip in a whole pass over its "
+                                     f"{len(self.urls)} shard(s) has data.num_frames={self.cfg.num_frames} frames "
+                                     f"(e.g. {self.urls[0]}): lower data.num_frames (1 + 4k) or give longer clips")
             start, window, emitted = end, window + 1, 0
 
 
@@ -352,6 +393,26 @@ class TrainBatches(torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.cfg.num_workers,
                                            persistent_workers=False, prefetch_factor=2 if self.cfg.num_workers else None)
 
+    def batches(self) -> Iterator[dict]:
+        """The batches of :meth:`loader`; a data error from a loader process comes out with its own one-line
+        message (see :func:`worker_message`)."""
+        try:
+            yield from self.loader()
+        except (TrainDataError, DamagedShard) as exc:
+            raise type(exc)(worker_message(exc)) from None
+
+
+def worker_message(exc: BaseException) -> str:
+    """The message ``exc`` was raised with, also when a DataLoader process raised it: torch raises it again
+    in the training process as the same class, with the worker's traceback folded into the text
+    (``Caught X in DataLoader worker process N. Original Traceback ... module.X: message``)."""
+    text = str(exc)
+    if not text.startswith("Caught "):
+        return text
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    return lines[-1][len(prefix):] if lines else text
+
 
 def validation_batches(urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int,
                        max_batches: int) -> list[dict]:
@@ -370,13 +431,16 @@ def validation_batches(urls: list[str], cfg: DataConfig, *, batch_size: int, see
 
     window = 0
     for url in urls:
-        for raw in iter_raw_samples(url, cfg.s3):
-            chunk.append(raw)
-            if len(chunk) == cfg.shuffle_buffer:
-                flush(window)
-                window += 1
-            if len(out) >= max_batches:
-                return out
+        try:
+            for raw in iter_raw_samples(url, cfg.s3):
+                chunk.append(raw)
+                if len(chunk) == cfg.shuffle_buffer:
+                    flush(window)
+                    window += 1
+                if len(out) >= max_batches:
+                    return out
+        except tarfile.TarError as exc:
+            damaged_shard(url, exc, cfg)
     if chunk:
         flush(window)
     return out

@@ -7,7 +7,6 @@ from the base), ``prompt_embedding.safetensors`` and ``dreamstereo_model.json`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -30,21 +29,26 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
         base: the base model folder; None = the one recorded in the checkpoint's ``meta.json``.
 
     Raises:
-        StorageError: ``checkpoint`` is not a committed checkpoint. WeightsError: the base is missing.
+        StorageError: ``checkpoint`` is not a committed checkpoint (``CheckpointError``: one of its files is
+            missing or not what its name says; nothing in it is unpickled). WeightsError: the base is missing.
     """
-    from safetensors.torch import load_file
-
     with ckpt.fetched(checkpoint, s3) as folder:  # an s3:// checkpoint: a temporary copy, deleted after
-        meta = ckpt.read_meta(folder)
+        meta = ckpt.read_meta(folder, checkpoint)
         base = base or meta.get("base")
         if not base:
             raise wan.WeightsError(f"checkpoint {checkpoint!r} records no base model: give --base, "
                                    f"{wan.DOWNLOAD_HINT}")
+        # Every file is read and checked before any model is built.
+        adapter = ckpt.read_json(folder, ckpt.ADAPTER_CONFIG_FILE, checkpoint)
+        if not isinstance(adapter.get("r"), int) or not isinstance(adapter.get("lora_alpha"), (int, float)):
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint!r}: {ckpt.ADAPTER_CONFIG_FILE} lacks an integer "
+                                       f"\"r\" and a number \"lora_alpha\"")
+        tensors = ckpt.load_tensors(folder, ckpt.ADAPTER_FILE, checkpoint)
+        ckpt.load_prompt(folder, checkpoint)  # a safetensors embedding, not just any file of that name
         transformer = wan.load_inpaint_model(base, dtype=torch.float32)
-        adapter = json.loads((folder / ckpt.ADAPTER_CONFIG_FILE).read_text())
         targets = adapter.get("target_modules") or list(wan.LORA_TARGETS)
         wan.add_lora(transformer, rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), targets=targets)
-        wan.load_trainable_state_dict(transformer, load_file(str(folder / ckpt.ADAPTER_FILE)))
+        wan.load_trainable_state_dict(transformer, tensors)
         wan.merge_lora(transformer)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

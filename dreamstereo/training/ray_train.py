@@ -63,12 +63,8 @@ def setup_error(exc: BaseException) -> Exception | None:
     """The first setup error (bad input, with a one-line message) a worker raised, from Ray's wrappers
     (``WorkerGroupError.worker_failures`` in Ray Train V2, ``__cause__`` chains and ``RayTaskError.cause``
     otherwise); None when the failure is something else."""
-    from dreamstereo.models.wan_inpaint import WeightsError
-    from dreamstereo.pipeline.io.storage import StorageError
-    from dreamstereo.training.checkpoint import CheckpointConflict
-    from dreamstereo.training.train import TrainSetupError
+    from dreamstereo.training.train import RUN_ERRORS as wanted
 
-    wanted = (WeightsError, StorageError, TrainSetupError, CheckpointConflict)
     todo, seen = [exc], set()
     while todo:
         error = todo.pop(0)
@@ -88,8 +84,8 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
     """Run ``cfg`` on ``cfg.ray.num_workers`` Ray Train workers; returns ``{"step", "loss"}`` of the run.
 
     Raises:
-        WeightsError, StorageError, TrainSetupError, CheckpointConflict: bad input, found on the driver or in
-            a worker.
+        WeightsError, StorageError, TrainSetupError, CheckpointConflict, TrainDataError, TrainingDiverged
+            (``train.RUN_ERRORS``): bad input or a diverged run, found on the driver or in a worker.
         RuntimeError: a worker failed otherwise (the message carries the worker's error).
     """
     import ray

@@ -29,7 +29,8 @@ from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.pipeline.io.storage import StorageError
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.config import LrDecay, Precision, TrainConfig
-from dreamstereo.training.data import TrainBatches, _seed, frames_to_video, resolve_shards, validation_batches
+from dreamstereo.training.data import (TrainBatches, TrainDataError, _seed, frames_to_video, resolve_shards,
+                                       validation_batches)
 from dreamstereo.training.objective import flow_matching_loss, sample_sigmas
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,17 @@ logger = logging.getLogger(__name__)
 
 class TrainSetupError(ValueError):
     """A run that cannot start (a location not set, a batch size that does not split); says what to set."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm of a step is not finite: the run stops before that step's update, so no
+    checkpoint with NaN or infinite weights is ever committed; says what to change."""
+
+
+# What ends a run as bad input or a bad setting (one line, exit status 2 at the CLI, also out of Ray workers);
+# anything else is a bug and keeps its traceback.
+RUN_ERRORS = (wan.WeightsError, StorageError, TrainSetupError, ckpt.CheckpointConflict, TrainDataError,
+              TrainingDiverged)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -68,8 +80,9 @@ def check_checkpoints(cfg: TrainConfig) -> None:
     ``resume`` / ``model.init_from`` is not a committed checkpoint (nothing is downloaded).
 
     Raises:
-        CheckpointConflict, StorageError.
+        CheckpointConflict, StorageError (CheckpointError: the store's local path is a file or not writable).
     """
+    ckpt.check_location(checkpoint_store(cfg))
     ckpt.check_fresh_start(checkpoint_store(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     if cfg.resume not in (None, "latest"):
         ckpt.check_committed(cfg.resume, cfg.data.s3)
@@ -242,7 +255,12 @@ def noise_seed(seed: int, rank: int, step: int = 0) -> int:
 
 
 def rng_state(generator: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """This process's RNG states as tensors and plain values (what ``torch.load(weights_only=True)`` reads
+    back): Python's as its ``getstate()`` tuple of ints, numpy's Mersenne Twister key as an int64 tensor."""
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"] = {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                            "pos": int(numpy_state["state"]["pos"])}
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "loop": generator.get_state()}
 
@@ -250,7 +268,10 @@ def rng_state(generator: torch.Generator) -> dict:
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     """Restore what :func:`rng_state` saved (this rank's entry of a checkpoint's ``rng`` list)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+                            "pos": numpy_state["state"]["pos"]}
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -260,14 +281,15 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def read_checkpoint(uri: str, s3, *, with_state: bool) -> dict:
     """What a run takes from a checkpoint, in memory: ``adapter`` tensors, ``prompt`` (embedding, source) and,
     ``with_state``, the ``state`` dict. An ``s3://`` checkpoint is downloaded once, to a temporary folder that
-    is deleted right after."""
-    from safetensors.torch import load_file
+    is deleted right after. Nothing read runs code (see ``checkpoint.load_training_state``).
 
+    Raises:
+        CheckpointError: a file is missing, damaged, of an older format or holds more than data.
+    """
     with ckpt.fetched(uri, s3) as folder:
-        out = {"adapter": load_file(str(folder / ckpt.ADAPTER_FILE)),
-               "prompt": wan.load_prompt_embedding(folder / wan.PROMPT_EMBEDDING_FILE)}
+        out = {"adapter": ckpt.load_tensors(folder, ckpt.ADAPTER_FILE, uri), "prompt": ckpt.load_prompt(folder, uri)}
         if with_state:
-            out["state"] = torch.load(folder / ckpt.STATE_FILE, map_location="cpu", weights_only=False)
+            out["state"] = ckpt.load_training_state(folder, uri)
     return out
 
 
@@ -296,8 +318,10 @@ class MetricsLog:
                 logger.info("tensorboard is not installed: metrics go to %s only", self.path)
 
     def write(self, record: dict) -> None:
+        """Append ``record``; a NaN or infinite number is written as null, so every line stays strict JSON."""
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -309,7 +333,8 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
                      rng_states: list[dict], prompt: torch.Tensor, prompt_source: str, data_state: dict, samples: int,
                      cfg: TrainConfig) -> str:
     """Assemble a checkpoint folder locally and commit it to the store (rank 0); ``rng_states`` holds every
-    rank's :func:`rng_state`, in rank order."""
+    rank's :func:`rng_state`, in rank order. ``training_state.pt`` holds tensors and plain values only
+    (``checkpoint.load_training_state`` reads it without unpickling any object)."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="dreamstereo-ckpt-") as tmp:
@@ -319,8 +344,9 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
         lora_config = {k: sorted(v) if isinstance(v, set) else v for k, v in lora_config.items()}
         (folder / ckpt.ADAPTER_CONFIG_FILE).write_text(json.dumps(lora_config, indent=2, default=str))
         wan.save_prompt_embedding(folder / wan.PROMPT_EMBEDDING_FILE, prompt, source=prompt_source)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "samples": samples, "rng": rng_states, "data": data_state}, folder / ckpt.STATE_FILE)
+        torch.save({"format": ckpt.STATE_FORMAT, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step, "samples": samples, "rng": rng_states,
+                    "data": data_state}, folder / ckpt.STATE_FILE)
         (folder / ckpt.CONFIG_FILE).write_text(to_yaml(cfg))
         (folder / ckpt.META_FILE).write_text(json.dumps({
             "step": step, "samples": samples, "base": cfg.model.base, "in_channels": wan.INPAINT_IN_CHANNELS,
@@ -377,7 +403,8 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     decided = None
     if master:
         try:
-            check_checkpoints(cfg)
+            ckpt.clean_leftovers(store)  # before `latest` is looked for: a restored step counts
+            check_checkpoints(cfg)  # (also: the store's local path must be able to become a folder)
             if cfg.overwrite and store.steps():
                 logger.warning("overwrite=true: deleting the checkpoints %s under %s", store.steps(), store.uri)
                 store.clear()
@@ -408,7 +435,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     except ValueError as exc:  # fewer shards than data streams
         raise TrainSetupError(str(exc)) from None
     stream_states = list(dataset.states)
-    batches = iter(dataset.loader())
+    batches = dataset.batches()
     val_set = []
     if val_urls and cfg.log.val_every:
         mine = val_urls[rank::world] if len(val_urls) >= world else val_urls
@@ -440,7 +467,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     # 5. Optimizer and LR schedule ---------------------------------------------------------------------
     optimizer = make_optimizer(transformer, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
-    step, samples = 0, 0
+    step, samples, shards_skipped = 0, 0, (data_state or {}).get("shards_skipped", 0)
     if state is not None:
         if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
             raise TrainSetupError(f"{resume_uri} was written before the patch embedding left weight decay (its "
@@ -480,11 +507,12 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
     # 6. The loop --------------------------------------------------------------------------------------
     window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
     while step < cfg.max_steps:
-        step_loss, step_samples = 0.0, 0
+        step_loss, step_samples, step_skipped = 0.0, 0, 0
         for _ in range(accumulation):
             batch = next(batches)
             stream_states[batch["logical"]] = batch["state"]
             batches_done += 1
+            step_skipped += batch["shards_skipped"]
             shards_read.update(batch["urls"])
             loss = compute_loss(transformer, vae, batch, prompt, cfg, generator, device, autocast)
             (loss / accumulation).backward()
@@ -493,12 +521,20 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
         all_reduce_grads(params, world)
         grad_norm = clip_grads(params, cfg.optim.grad_clip)
         lr = optimizer.param_groups[0]["lr"]  # the rate of this step (scheduler.step() sets the next one)
+        loss_sum, samples_sum, skipped_sum = all_sum([step_loss, step_samples, step_skipped], world, device)
+        step_loss = loss_sum / world
+        shards_skipped += int(skipped_sum)
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):  # the same on every rank: all stop
+            if master:
+                log.write({"step": step + 1, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                           "stopped": "non-finite loss or gradient norm"})
+            raise TrainingDiverged(f"step {step + 1}: loss {step_loss}, gradient norm {grad_norm}: not finite, "
+                                   f"stopped before the update (last checkpoint: {last_checkpoint or 'none this run'})"
+                                   f"; lower optim.lr (now {cfg.optim.lr}) or set optim.grad_clip > 0")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
-        loss_sum, samples_sum = all_sum([step_loss, step_samples], world, device)
-        step_loss = loss_sum / world
         samples += int(samples_sum)
         window_samples += int(samples_sum)
         window_loss += step_loss
@@ -519,7 +555,7 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
             steps_in_window = (step - 1) % cfg.log.every + 1
             record = {"step": step, "loss": step_loss, "loss_avg": window_loss / steps_in_window, "lr": lr,
                       "grad_norm": grad_norm, "samples": samples, "samples_per_s": window_samples / elapsed,
-                      "memory_gb": memory_gb(device)}
+                      "memory_gb": memory_gb(device), "shards_skipped": shards_skipped}
             if val_loss is not None:
                 record["val_loss"] = val_loss
             if master:
@@ -531,10 +567,18 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
                 window_start, window_loss, window_samples = time.perf_counter(), 0.0, 0
 
         if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or step == cfg.max_steps:
+            # Finite loss and gradients can still step a weight to infinity (a huge finite optim.lr); the
+            # weights are the same on every rank, so every rank stops here and no rank waits for rank 0.
+            broken = ckpt.nonfinite_tensors({n: p for n, p in transformer.named_parameters() if p.requires_grad})
+            if broken:
+                raise TrainingDiverged(f"step {step}: {len(broken)} trainable tensor(s) hold NaN or infinity (e.g. "
+                                       f"{broken[0]}), no checkpoint written (last: "
+                                       f"{last_checkpoint or 'none this run'}); lower optim.lr (now {cfg.optim.lr})")
             per_rank = gather((list(stream_states), rng_state(generator)), world)  # [(streams, rng)] by rank
             if master:
                 data = {"world": world, "streams": streams, "batches_done": batches_done,
-                        "states": [streams_of_rank for streams_of_rank, _ in per_rank]}
+                        "states": [streams_of_rank for streams_of_rank, _ in per_rank],
+                        "shards_skipped": shards_skipped}
                 last_checkpoint = write_checkpoint(store, step, transformer, optimizer, scheduler,
                                                    [rng for _, rng in per_rank], prompt, prompt_source, data,
                                                    samples, cfg)

@@ -107,3 +107,99 @@ def test_a_local_checkpoint_folder_must_be_seen_by_every_node(tmp_path):
     check_store_shared(local, ["node-a", "node-b"], [True, True])  # a shared file system
     with pytest.raises(TrainSetupError, match=r"ranks \[1\].*2 nodes.*s3:// checkpoint_uri.*shared file system"):
         check_store_shared(local, ["node-a", "node-b"], [True, False])
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_rng_states_round_trip_exactly_through_a_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    from dreamstereo.training.train import rng_state, set_rng_state
+
+    random.seed(5)
+    np.random.seed(7)
+    np.random.standard_normal()  # numpy now holds a cached Gaussian: part of its state
+    generator = torch.Generator().manual_seed(3)
+    torch.save({"rng": [rng_state(generator)]}, tmp_path / "state.pt")
+    expected = (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(1 << 30),
+                torch.rand(2).tolist(), torch.rand(2, generator=generator).tolist())
+    saved = torch.load(tmp_path / "state.pt", weights_only=True)["rng"][0]  # tensors and plain values only
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    set_rng_state(saved, generator)
+    assert (random.random(), np.random.standard_normal(3).tolist(), np.random.randint(1 << 30),
+            torch.rand(2).tolist(), torch.rand(2, generator=generator).tolist()) == expected
+
+
+@pytest.mark.parametrize("planted", ["pickle", "torch.save", "legacy torch.save", "old numpy state", "random bytes"])
+def test_a_training_state_that_is_not_plain_data_is_refused_unread(tmp_path, planted):
+    import pickle
+
+    import numpy as np
+
+    folder, marker = tmp_path / "step-00000001", tmp_path / "payload-ran"
+    folder.mkdir()
+    path = folder / ckpt.STATE_FILE
+    if planted == "pickle":
+        path.write_bytes(pickle.dumps({"optimizer": _Payload(marker)}))
+    elif planted == "torch.save":
+        torch.save({"format": ckpt.STATE_FORMAT, "optimizer": _Payload(marker)}, path)
+    elif planted == "legacy torch.save":  # torch's older format: a bare pickle after a magic number
+        torch.save({"optimizer": _Payload(marker)}, path, _use_new_zipfile_serialization=False)
+    elif planted == "old numpy state":  # what dreamstereo wrote before: numpy's RNG state pickled
+        torch.save({"optimizer": {}, "scheduler": {}, "step": 1, "samples": 2, "data": {},
+                    "rng": [{"numpy": np.random.get_state()}]}, path)
+    else:
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.load_training_state(folder, str(folder))
+    message = str(info.value)
+    assert not marker.exists()
+    assert len(message.splitlines()) == 1 and message.startswith(f"checkpoint {str(folder)!r}: training_state.pt ")
+    assert f"model.init_from={folder} and a new output_dir" in message
+
+
+def test_leftovers_of_killed_saves_are_tidied_and_an_orphaned_old_step_restored(tmp_path):
+    root = tmp_path / "checkpoints"
+    store = ckpt.CheckpointStore(str(root))
+    store.save(1, _folder(tmp_path / "a", "one"))
+    _folder(root / ".step-00000002.tmp-4242", "partial")  # killed while copying
+    _folder(root / ".step-00000001.old-4243", "stale")  # killed after the new step 1 was in place
+    _folder(root / ".step-00000003.old-4244", "three")  # killed between the renames: the only step 3
+    (root / "step-00000003").mkdir()  # ... next to an uncommitted step-3 folder
+    done = ckpt.clean_leftovers(store)
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000001", "step-00000003"]
+    assert store.steps() == [1, 3] and _read(store, 3)["meta.json"] == '{"tag": "three"}'
+    assert _read(store, 1)["meta.json"] == '{"tag": "one"}'
+    assert len(done) == 3 and any(line.startswith("restored step-00000003") for line in done)
+
+
+def test_a_checkpoint_location_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ckpt.CheckpointError, match=r"'.*/file' is a file: give checkpoint_uri=DIR"):
+        ckpt.check_location(ckpt.CheckpointStore(str(tmp_path / "file")))
+    with pytest.raises(ckpt.CheckpointError, match=r"'.*/file/checkpoints' lies under '.*/file', which is a file"):
+        ckpt.check_location(ckpt.CheckpointStore(str(tmp_path / "file" / "checkpoints")))
+    ckpt.check_location(ckpt.CheckpointStore(str(tmp_path / "new" / "checkpoints")))  # made at the first save
+
+
+def test_uncommitted_step_prefixes_on_s3_are_deleted_at_start(s3_bucket, s3_env, tmp_path):
+    store = ckpt.CheckpointStore(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    store.save(1, _folder(tmp_path / "a", "one"))
+    store.storage.upload_file("step-00000002/adapter_model.safetensors",  # a save killed after one upload
+                              tmp_path / "a" / "adapter_model.safetensors")
+    store.storage.write_bytes("notes.txt", b"not a checkpoint: left alone")
+    assert ckpt.clean_leftovers(store) == ["deleted step-00000002/ (uncommitted: left by a save that did not finish)"]
+    assert sorted(store.storage.list("")) == ["notes.txt", "step-00000001/adapter_model.safetensors",
+                                              "step-00000001/meta.json", "step-00000001/training_state.pt"]

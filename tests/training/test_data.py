@@ -122,3 +122,68 @@ def test_a_portrait_clip_trains_in_a_portrait_bucket(tmp_path):
                          stream_id=0)
     batch = next(stream.batches())
     assert tuple(batch["clean"].shape) == (2, 5, 64, 32, 3) and tuple(batch["mask"].shape) == (2, 5, 64, 32)
+
+
+def _damaged_shards(tmp_path, raw_shards) -> list[str]:
+    """The 4 good shards, then one of random bytes and one cut short in the middle of its second sample."""
+    import shutil
+
+    urls = resolve_shards(raw_shards[0])
+    good = [str(shutil.copy(u, tmp_path / f"good{i}.tar")) for i, u in enumerate(urls)]
+    (tmp_path / "random.tar").write_bytes(np.random.default_rng(0).bytes(20_000))
+    whole = (tmp_path / "good0.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[:len(whole) * 3 // 4])
+    return good + [str(tmp_path / "random.tar"), str(tmp_path / "cut.tar")]
+
+
+def test_a_damaged_shard_is_skipped_with_a_warning_and_counted(raw_shards, tmp_path, caplog):
+    urls = _damaged_shards(tmp_path, raw_shards)
+    stream = ShardStream(urls, _cfg(), batch_size=2, seed=0, stream_id=0)
+    with caplog.at_level("WARNING", logger="dreamstereo.training.data"):
+        run = [b for _, b in zip(range(10), stream.batches())]  # 10 batches of 2: about two passes
+    good_keys = {k for u in urls[:4] for k in (r["__key__"] for r in iter_raw_samples(u))}
+    assert {k for b in run for k in b["keys"]} == good_keys  # the cut shard's first sample is good0's
+    skipped = sum(b["shards_skipped"] for b in run)
+    assert skipped >= 2 and skipped % 2 == 0  # both damaged shards, once per pass
+    warned = {r.getMessage().split()[1] for r in caplog.records if "is not a readable tar" in r.getMessage()}
+    assert warned == {urls[4], urls[5]}
+    # Positions stay exact across the skipped shards: resuming from any batch continues the same run.
+    resumed = [b for _, b in zip(range(3), stream.batches(run[4]["state"]))]
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in run[5:8]]
+    # Validation skips it too, and data.strict=true stops instead, naming the shard.
+    assert validation_batches(urls[4:] + urls[:1], _cfg(), batch_size=2, seed=0, max_batches=1)
+    from dreamstereo.training.data import DamagedShard
+
+    with pytest.raises(DamagedShard, match=rf"shard {urls[4]} is not a readable tar .*data.strict=false"):
+        list(zip(range(10), ShardStream(urls, _cfg(strict=True), batch_size=2, seed=0, stream_id=0).batches()))
+
+
+def test_every_clip_shorter_than_num_frames_fails_fast(raw_shards):
+    """9-frame clips with data.num_frames=13: one pass over the shards, then a clear error (it looped forever)."""
+    import signal
+
+    from dreamstereo.training.data import TrainDataError
+
+    def stuck(*_):
+        raise AssertionError("still looking for a long enough clip after 60 s")
+
+    urls = resolve_shards(raw_shards[0])
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(60)
+    try:
+        with pytest.raises(TrainDataError, match=r"no clip in a whole pass over its 4 shard\(s\) has "
+                                                 r"data.num_frames=13 frames .*lower data.num_frames"):
+            next(ShardStream(urls, _cfg(num_frames=13), batch_size=2, seed=0, stream_id=0).batches())
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_shards_that_are_all_damaged_say_so(tmp_path):
+    from dreamstereo.training.data import TrainDataError
+
+    for name in ("a.tar", "b.tar"):
+        (tmp_path / name).write_bytes(b"not a tar at all")
+    urls = [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    with pytest.raises(TrainDataError, match=r"its 2 shard\(s\) hold no readable sample"):
+        next(ShardStream(urls, _cfg(), batch_size=1, seed=0, stream_id=0).batches())

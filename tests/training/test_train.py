@@ -275,3 +275,155 @@ def test_a_setup_error_inside_a_ray_worker_is_one_line_at_the_cli(toy_wan, raw_s
     err = capsys.readouterr().err.strip()  # (before it: the driver's progress bar of loading umT5)
     assert code == 2 and "Traceback" not in err and "Error Snippet" not in err
     assert err.splitlines()[-1].startswith("dreamstereo train: error: 4 shard(s) for 6 data streams")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hostile checkpoints, data and settings (issue 10)
+
+
+class _Payload:
+    """Unpickling this creates ``marker``: what a planted checkpoint file would run as the training user."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def one_step(toy_wan, raw_shards, tmp_path_factory) -> Path:
+    """A committed checkpoint of one step of the tiny preset."""
+    out = tmp_path_factory.mktemp("one-step")
+    train(_cfg(toy_wan, raw_shards[0], out, "max_steps=1"))
+    return out / "checkpoints" / "step-00000001"
+
+
+def _planted_copy(checkpoint: Path, folder: Path, name: str, marker: Path, *, how: str = "pickle") -> Path:
+    import pickle
+    import shutil
+
+    copy = Path(shutil.copytree(checkpoint, folder / "step-00000001"))
+    if how == "torch.save":  # torch's zip format, and its older bare-pickle format
+        torch.save({"optimizer": _Payload(marker)}, copy / name)
+    elif how == "legacy torch.save":
+        torch.save({"optimizer": _Payload(marker)}, copy / name, _use_new_zipfile_serialization=False)
+    else:
+        (copy / name).write_bytes(pickle.dumps({"optimizer": _Payload(marker)}))
+    return copy
+
+
+_READ_BY = {"training_state.pt": {"train"}, "adapter_model.safetensors": {"train", "export"},
+            "prompt_embedding.safetensors": {"train", "export"}, "meta.json": {"export"},
+            "adapter_config.json": {"export"}, "config.yaml": set()}
+
+
+@pytest.mark.parametrize("name,how", [*((name, "pickle") for name in _READ_BY), ("training_state.pt", "torch.save"),
+                                      ("training_state.pt", "legacy torch.save")])
+def test_a_payload_planted_in_any_checkpoint_file_runs_nothing(one_step, toy_wan, raw_shards, tmp_path, capsys,
+                                                               name, how):
+    marker = tmp_path / "payload-ran"
+    copy = _planted_copy(one_step, tmp_path, name, marker, how=how)
+    train_code = main(["-q", "train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                       f"output_dir={tmp_path}/out", f"resume={copy}", "max_steps=1"])  # nothing left to train
+    train_err = capsys.readouterr().err.strip()
+    export_code = main(["-q", "export", str(copy), "--out", str(tmp_path / "model")])
+    export_err = capsys.readouterr().err.strip()
+    assert not marker.exists()
+    for command, code, err in (("train", train_code, train_err), ("export", export_code, export_err)):
+        if command in _READ_BY[name]:  # refused with one line naming the checkpoint and the file
+            assert code == 2 and len(err.splitlines()) == 1, err
+            assert err.startswith(f"dreamstereo {command}: error: checkpoint {str(copy)!r}: {name} "), err
+        else:  # a file this command does not read
+            assert code == 0, err
+
+
+def test_an_old_pickled_training_state_is_refused_with_what_to_do(one_step, toy_wan, raw_shards, tmp_path, capsys):
+    """Checkpoints of earlier versions pickled numpy's RNG state: not resumed, but their weights still start
+    a run through model.init_from."""
+    import shutil
+
+    copy = Path(shutil.copytree(one_step, tmp_path / "old" / "step-00000001"))
+    state = torch.load(copy / "training_state.pt", weights_only=True)
+    state.pop("format")
+    state["rng"][0]["numpy"] = np.random.get_state()  # as rng_state() wrote it before
+    torch.save(state, copy / "training_state.pt")
+    args = ["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}", "max_steps=1"]
+    assert main([*args, f"output_dir={tmp_path}/a", f"resume={copy}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training_state.pt holds more than data" in err
+    assert f"model.init_from={copy} and a new output_dir" in err
+    assert main(["-q", *args, f"output_dir={tmp_path}/b", f"model.init_from={copy}"]) == 0
+
+
+def test_a_damaged_shard_is_skipped_and_counted_or_stops_a_strict_run(toy_wan, raw_shards, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "shards").mkdir()
+    shutil.copy(f"{raw_shards[0]}/shards/000000.tar", tmp_path / "shards")
+    (tmp_path / "shards" / "000004.tar").write_bytes(np.random.default_rng(0).bytes(10_000))
+    shards = f"{tmp_path}/shards/{{000000,000004}}.tar"
+    args = ["train", str(TINY), f"model.base={toy_wan}", f"data.shards={shards}", "max_steps=2",
+            "data.shuffle_buffer=2"]
+    assert main(["-q", *args, f"output_dir={tmp_path}/a"]) == 0
+    metrics = _metrics(tmp_path / "a")
+    assert [m["step"] for m in metrics] == [1, 2] and metrics[-1]["shards_skipped"] >= 1
+    capsys.readouterr()
+    for workers in (0, 1):  # read here, or in a DataLoader process (whose error comes back with its traceback)
+        assert main(["-q", *args, f"output_dir={tmp_path}/b{workers}", "data.strict=true",
+                     f"data.num_workers={workers}"]) == 2
+        err = capsys.readouterr().err.strip()  # (before it: the progress bar of loading umT5)
+        assert "Traceback" not in err and "DataLoader" not in err, err
+        assert err.splitlines()[-1].startswith(f"dreamstereo train: error: shard {tmp_path}/shards/000004.tar "
+                                               f"is not a readable tar")
+
+
+@pytest.mark.parametrize("setting", ["optim.lr=nan", "optim.lr=inf", "optim.eps=nan", "flow.shift=inf"])
+def test_non_finite_settings_are_refused_at_start(raw_shards, toy_wan, tmp_path, capsys, setting):
+    code = main(["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                 f"output_dir={tmp_path}", setting])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"{setting}: must be a finite number" in err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_diverging_run_stops_and_never_commits_a_non_finite_checkpoint(toy_wan, raw_shards, tmp_path, capsys):
+    code = main(["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                 f"output_dir={tmp_path}", "optim.lr=1e30", "max_steps=6", "log.checkpoint_every=1",
+                 "log.keep_checkpoints=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "not finite, stopped before the update" in err[-1] and "lower optim.lr" in err[-1]
+
+    def strict(token):
+        raise ValueError(f"{token} in metrics.jsonl")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=strict) for line in lines]
+    assert records[-1]["stopped"] and None in (records[-1]["loss"], records[-1]["grad_norm"])  # NaN -> null
+    for folder in sorted((tmp_path / "checkpoints").iterdir()):
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        assert all(bool(torch.isfinite(t).all()) for t in tensors.values()), folder.name
+    assert [int(f.name[5:]) for f in sorted((tmp_path / "checkpoints").iterdir())] == [
+        r["step"] for r in records[:-1]]  # every step before the stop, none after
+
+
+def test_a_checkpoint_uri_that_is_a_file_is_refused_before_training(toy_wan, raw_shards, tmp_path, capsys):
+    (tmp_path / "ckpt").write_text("a file")
+    code = main(["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                 f"output_dir={tmp_path}/out", f"checkpoint_uri={tmp_path}/ckpt"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"'{tmp_path}/ckpt' is a file" in err
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the first step, not at the first save
+
+
+def test_a_resumed_run_restores_a_step_its_killed_save_left_aside(one_step, toy_wan, raw_shards, tmp_path):
+    import shutil
+
+    store = tmp_path / "out" / "checkpoints"
+    shutil.copytree(one_step, store / ".step-00000001.old-999999")  # killed between the two renames
+    shutil.copytree(one_step, store / ".step-00000002.tmp-999998")  # killed while copying
+    result = train(_cfg(toy_wan, raw_shards[0], tmp_path / "out", "max_steps=2", "resume=latest"))
+    assert result["step"] == 2 and len(result["losses"]) == 1  # resumed from the restored step 1
+    assert sorted(p.name for p in store.iterdir()) == ["step-00000001", "step-00000002"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -98,3 +100,26 @@ def test_vae_round_trip_shapes(toy_wan):
     latents = wan.encode_video(vae, video)
     assert latents.shape == (1, 16, 3, 4, 6) and torch.isfinite(latents).all()
     assert wan.decode_latents(vae, latents).shape == video.shape
+
+
+@pytest.mark.parametrize("part", ["transformer", "vae"])
+def test_a_model_folder_with_only_pickled_weights_is_refused_unread(toy_wan, tmp_path, part):
+    """Model folders (downloads, `dreamstereo export` outputs given to convert/evaluate) load safetensors only:
+    a pickled .bin next to the config is never unpickled, even where diffusers would fall back to it."""
+    import os
+    import pickle
+    import shutil
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "payload-ran"),)
+
+    model = Path(shutil.copytree(toy_wan, tmp_path / "model"))
+    for weights in (model / part).glob("*.safetensors"):
+        weights.unlink()
+    (model / part / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"weight": Payload()}))
+    load = wan.load_inpaint_model if part == "transformer" else wan.load_vae
+    with pytest.raises(wan.WeightsError, match=rf"{part if part == 'transformer' else 'VAE'} '.*/model/{part}' "
+                                               r"has no .safetensors weights \(pickled .bin/.pt weights are never"):
+        load(model)
+    assert not (tmp_path / "payload-ran").exists()
