@@ -8,7 +8,8 @@ verdict or error, so every input is accounted for. Per-sample problems are value
 ``reason``), a decoder crash included (the decode runs in a child process: pipeline/isolate.py); anything
 else raises, and Ray retries the task a bounded number of times (``resources.worker_retries``).
 
-Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a pickled dict.
+Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a JSON index plus their
+bytes (:func:`pack_members`; no pickle anywhere on the way).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import io
 import json
 import logging
 import os
-import pickle
 import socket
 import time
 
@@ -63,6 +63,22 @@ def pack(array: np.ndarray | None) -> bytes:
 
 def unpack(data: bytes) -> np.ndarray | None:
     return np.load(io.BytesIO(data), allow_pickle=False) if data else None
+
+
+def pack_members(members: dict[str, bytes]) -> bytes:
+    """A sample's members as one bytes value: a JSON index (name -> length), a newline, the bytes in order."""
+    index = json.dumps([[name, len(data)] for name, data in members.items()]).encode()
+    return b"".join([index, b"\n", *members.values()])
+
+
+def unpack_members(data: bytes) -> dict[str, bytes]:
+    """The inverse of :func:`pack_members`."""
+    index, _, payload = data.partition(b"\n")
+    members, offset = {}, 0
+    for name, length in json.loads(index):
+        members[name] = payload[offset:offset + length]
+        offset += length
+    return members
 
 
 def _rows_to_batch(rows: list[dict], columns: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -212,7 +228,7 @@ class PairActor(Recycled):
                 timings["pair"] = time.perf_counter() - start
             out.append({"shard": row["shard"], "input_index": row["input_index"], "uri": uri, "clip_index": index,
                         "clips": row["clips"], "record": json.dumps(record, default=float),
-                        "members": pickle.dumps(members) if members is not None else b"",
+                        "members": pack_members(members) if members is not None else b"",
                         "timings": json.dumps(timings)})
         return _rows_to_batch(out, PAIR_COLUMNS)
 
@@ -236,7 +252,7 @@ def write_batch(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         record, timings = json.loads(row["record"]), json.loads(row["timings"])
         if row["members"]:
-            record["part"] = stage_sample(storage, int(row["shard"]), record["key"], pickle.loads(row["members"]))
+            record["part"] = stage_sample(storage, int(row["shard"]), record["key"], unpack_members(row["members"]))
             timings["write"] = time.perf_counter() - start
         out.append({"shard": row["shard"], "input_index": row["input_index"], "clips": row["clips"],
                     "record": json.dumps(record), "timings": json.dumps(timings)})
