@@ -251,8 +251,10 @@ class _ResumingBody(io.RawIOBase):
     (``ResponseStreamingError``, ``IncompleteReadError``, ``ReadTimeoutError``) reaches the reader instead. Here
     such a read is resumed with ``Range: bytes=<offset>-`` and ``If-Match: <first ETag>`` (an object replaced
     meanwhile fails with ``PreconditionFailed`` instead of splicing two versions), after a jittered exponential
-    backoff. Bounds: ``max_attempts`` failures in a row without a new byte, and ``retry_time_s`` since the first
-    of them; each resumption is logged at warning level.
+    backoff. The GET itself is retried the same way: botocore reads the body of a GetObject *error* answer
+    (404, 503) outside its retry loop, so a drop there reaches us as a bare urllib3 error. Bounds:
+    ``max_attempts`` failures in a row without a new byte, and ``retry_time_s`` since the first of them; each
+    resumption is logged at warning level.
     """
 
     _CHUNK = 1 << 20  # read(-1) goes in chunks, so a drop late in a large object keeps what came before
@@ -262,7 +264,7 @@ class _ResumingBody(io.RawIOBase):
         self._storage, self._key = storage, key
         self._offset, self._etag, self._size = 0, None, None
         self._body = None
-        self._get()
+        self._retrying(self._get)
 
     def _get(self) -> None:
         ranged = {"Range": f"bytes={self._offset}-", "IfMatch": self._etag} if self._offset else {}
@@ -291,20 +293,29 @@ class _ResumingBody(io.RawIOBase):
             return b"".join(parts)
         if self.closed:
             raise ValueError("read of a closed S3 object stream")
+        return self._retrying(lambda: self._read_once(size))
+
+    def _read_once(self, size: int) -> bytes:
+        if self._offset >= self._size:
+            return b""
+        if self._body is None:
+            self._get()
+        data = self._body.read(size)
+        if size > 0 and not data:  # botocore checks Content-Length; this keeps a short body from passing as EOF
+            from botocore.exceptions import IncompleteReadError
+
+            raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
+        self._offset += len(data)
+        return data
+
+    def _retrying(self, action):
+        """``action()``, repeated after a dropped or stalled connection (also one that drops while botocore
+        reads an error answer's body: for GetObject that happens outside its retry loop, and urllib3's error
+        escapes unwrapped)."""
         failures, first_failure = 0, None
         while True:
-            if self._size is not None and self._offset >= self._size:
-                return b""
             try:
-                if self._body is None:
-                    self._get()
-                data = self._body.read(size)
-                if size > 0 and not data and self._offset < self._size:
-                    from botocore.exceptions import IncompleteReadError
-
-                    raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
-                self._offset += len(data)
-                return data
+                return action()
             except _stream_errors() as exc:
                 self._drop_body()
                 failures += 1
@@ -313,12 +324,11 @@ class _ResumingBody(io.RawIOBase):
                 waited = time.monotonic() - first_failure
                 if failures >= cfg.max_attempts or waited >= cfg.retry_time_s:
                     raise StorageError(f"{where}: reading the object failed at byte {self._offset} of "
-                                       f"{self._size} after {failures} attempt(s) in {waited:.1f} s "
-                                       f"({self._storage._describe(exc)})") from None
+                                       f"{self._size if self._size is not None else '?'} after {failures} "
+                                       f"attempt(s) in {waited:.1f} s ({self._storage._describe(exc)})") from None
                 delay = min(cfg.retry_time_s - waited, _backoff_s(failures))
-                logger.warning("%s: read dropped at byte %d of %d (%s); resuming in %.2f s (attempt %d of %d)",
-                               where, self._offset, self._size, self._storage._describe(exc), delay,
-                               failures + 1, cfg.max_attempts)
+                logger.warning("%s: read dropped at byte %d (%s); resuming in %.2f s (attempt %d of %d)", where,
+                               self._offset, self._storage._describe(exc), delay, failures + 1, cfg.max_attempts)
                 time.sleep(delay)
 
     def _drop_body(self) -> None:
