@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
-import io
 import random
 import shutil
 import time
@@ -232,8 +232,8 @@ class S3Storage:
             raise StorageError(f"{self.uri}/{key}: {method} failed ({self._describe(exc)})") from None
 
 
-# A dropped or stalled connection while a GetObject body is read: botocore wraps urllib3's errors
-# (``StreamingBody.read``), the bare urllib3/socket ones are listed for bodies read through other wrappers.
+# A dropped or stalled connection while a GetObject body is read: botocore wraps urllib3's errors in
+# ``StreamingBody.read``; the bare urllib3/socket ones escape when it reads the body of an error answer.
 def _stream_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import ConnectionError as BotoConnectionError
     from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
@@ -267,7 +267,9 @@ class _ResumingBody(io.RawIOBase):
         self._retrying(self._get)
 
     def _get(self) -> None:
-        ranged = {"Range": f"bytes={self._offset}-", "IfMatch": self._etag} if self._offset else {}
+        ranged = {"Range": f"bytes={self._offset}-"} if self._offset else {}
+        if self._offset and self._etag:
+            ranged["IfMatch"] = self._etag
         response = self._storage._call("get_object", self._key, Bucket=self._storage.bucket,
                                        Key=self._storage._key(self._key), **ranged)
         if self._etag is None:
@@ -356,7 +358,8 @@ def _log_retry(request_dict=None, response=None, caught_exception=None, attempts
         cause = f"{type(caught_exception).__name__}: {str(caught_exception).splitlines()[0][:200]}"
     elif response is not None and response[0].status_code >= 500:
         error = response[1].get("Error", {}) if isinstance(response[1], dict) else {}
-        cause = f"HTTP {response[0].status_code} {error.get('Code', '')}".strip()
+        status, code = response[0].status_code, error.get("Code", "")
+        cause = f"HTTP {status} {code}" if code and code != str(status) else f"HTTP {status}"  # HEAD: no body
     else:
         return None
     path = urlparse((request_dict or {}).get("url", "")).path
