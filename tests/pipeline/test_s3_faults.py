@@ -114,6 +114,20 @@ def test_an_error_answer_cut_short_is_retried(kind, s3_bucket, s3_env, quiet_mot
     assert proxy.faults[kind] == 2
 
 
+def test_a_resumed_read_never_splices_a_replaced_object(s3_bucket, s3_env, quiet_moto):
+    """The object is overwritten while a read of it is under way and the connection then drops: the resumed
+    GET is pinned to the first answer's ETag, so the read fails (PreconditionFailed) instead of returning old
+    bytes followed by new ones."""
+    clean = S3Storage(f"s3://{s3_bucket}", S3Config(endpoint_url=s3_env))
+    clean.write_bytes("obj.bin", b"old!" * 25_000)
+    with _deadline(60), FaultProxy(s3_env, Schedule(reset_response=1.0, max_faults=1)) as proxy:
+        stream = S3Storage(f"s3://{s3_bucket}", _faulty(proxy)).open_read("obj.bin")  # its body will drop
+        clean.write_bytes("obj.bin", b"new!" * 25_000)
+        with pytest.raises(StorageError, match=f"s3://{s3_bucket}/obj.bin: get_object failed \\(PreconditionFailed"):
+            stream.read()
+    assert proxy.faults["reset_response"] == 1
+
+
 def test_training_reader_gets_every_sample_once_through_faults(s3_bucket, s3_env, quiet_moto):
     """The training data reader (``iter_raw_samples`` over ``S3Storage.open_read``, and webdataset's ``s3://``
     opener) streams each shard through resets and stalls: every sample exactly once, bytes as stored."""

@@ -268,7 +268,7 @@ class _ResumingBody(io.RawIOBase):
 
     def _get(self) -> None:
         ranged = {"Range": f"bytes={self._offset}-"} if self._offset else {}
-        if self._offset and self._etag:
+        if self._etag:  # every re-GET, from byte 0 too: the size and bytes already read are the first version's
             ranged["IfMatch"] = self._etag
         response = self._storage._call("get_object", self._key, Bucket=self._storage.bucket,
                                        Key=self._storage._key(self._key), **ranged)
