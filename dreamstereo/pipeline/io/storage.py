@@ -4,18 +4,30 @@ Writes are all-or-nothing: locally through a temporary name and a rename, on S3 
 appears when its PUT (or multipart upload) completes. S3 goes through boto3 with the standard credential
 chain (environment, shared profiles, instance roles) and endpoint settings (``AWS_ENDPOINT_URL_S3``,
 ``AWS_ENDPOINT_URL``, or ``s3.endpoint_url`` in the config); keys are never part of a config, a log
-line or an error message. Retries with backoff on 5xx and throttling come from botocore's ``standard``
-retry mode.
+line or an error message.
+
+Faults of the service are retried with backoff, each retry bounded in count and time and logged at warning
+level (operation and object path, never a header): 5xx, throttling (503 SlowDown), timeouts and connections
+dropped while a request is sent or its answer's headers arrive are retried by botocore's ``standard`` retry mode
+(``s3.max_attempts`` attempts; a reset mid-upload resends the seekable body or part). A connection dropped or
+stalled while an object's *body* is read is not seen by botocore (the call already returned), so
+:class:`_ResumingBody` re-GETs the object from the byte it got to (``Range``, ``If-Match`` on the first
+answer's ETag so a replaced object is never spliced), at most ``s3.max_attempts`` times in a row without
+progress and within ``s3.retry_time_s``. After the last attempt: a :class:`StorageError` naming the object
+and the cause.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
+import random
 import shutil
 import stat
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,6 +51,7 @@ class S3Config:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
     multipart_threshold_mb: int = 64  # uploads larger than this go in parts of this size (S3 minimum: 5)
+    retry_time_s: float = 300.0  # most seconds a read keeps resuming a dropped object body without progress
 
     def __post_init__(self):
         if self.multipart_threshold_mb < 5:
@@ -46,6 +59,8 @@ class S3Config:
                              f"{self.multipart_threshold_mb}")
         if self.max_attempts < 1:
             raise ValueError(f"s3.max_attempts must be >= 1, got {self.max_attempts}")
+        if not self.retry_time_s > 0:
+            raise ValueError(f"s3.retry_time_s must be > 0, got {self.retry_time_s}")
 
 
 class LocalStorage:
@@ -161,10 +176,17 @@ class S3Storage:
         self._call("upload_file", key, Filename=str(local), Bucket=self.bucket, Key=self._key(key), Config=config)
 
     def read_bytes(self, key: str) -> bytes:
-        return self._call("get_object", key, Bucket=self.bucket, Key=self._key(key))["Body"].read()
+        with self.open_read(key) as body:
+            return body.read()
 
-    def open_read(self, key: str):
-        return self._call("get_object", key, Bucket=self.bucket, Key=self._key(key))["Body"]
+    def open_read(self, key: str) -> "_ResumingBody":
+        """A read-only binary stream of the object that survives dropped connections (see the module doc).
+
+        Raises:
+            StorageError: the object cannot be fetched, or its body could not be read to the end within
+                ``s3.max_attempts`` resumptions without progress and ``s3.retry_time_s``.
+        """
+        return _ResumingBody(self, key)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -213,6 +235,142 @@ class S3Storage:
             raise StorageError(f"{self.uri}/{key}: {method} failed ({self._describe(exc)})") from None
 
 
+# A dropped or stalled connection while a GetObject body is read: botocore wraps urllib3's errors in
+# ``StreamingBody.read``; the bare urllib3/socket ones escape when it reads the body of an error answer.
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from urllib3.exceptions import ProtocolError
+    from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
+
+    return (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError, ProtocolError,
+            URLLib3ReadTimeoutError, ConnectionError, TimeoutError)
+
+
+class _ResumingBody(io.RawIOBase):
+    """An S3 object read as a stream that re-GETs from the byte it got to when the connection drops.
+
+    botocore retries a request until its answer's headers arrive; a reset or a stall while the body is read
+    (``ResponseStreamingError``, ``IncompleteReadError``, ``ReadTimeoutError``) reaches the reader instead. Here
+    such a read is resumed with ``Range: bytes=<offset>-`` and ``If-Match: <first ETag>`` (an object replaced
+    meanwhile fails with ``PreconditionFailed`` instead of splicing two versions), after a jittered exponential
+    backoff. The GET itself is retried the same way: botocore reads the body of a GetObject *error* answer
+    (404, 503) outside its retry loop, so a drop there reaches us as a bare urllib3 error. Bounds:
+    ``max_attempts`` failures in a row without a new byte, and ``retry_time_s`` since the first of them; each
+    resumption is logged at warning level.
+    """
+
+    _CHUNK = 1 << 20  # read(-1) goes in chunks, so a drop late in a large object keeps what came before
+
+    def __init__(self, storage: "S3Storage", key: str):
+        super().__init__()
+        self._storage, self._key = storage, key
+        self._offset, self._etag, self._size = 0, None, None
+        self._body = None
+        self._retrying(self._get)
+
+    def _get(self) -> None:
+        ranged = {"Range": f"bytes={self._offset}-"} if self._offset else {}
+        if self._etag:  # every re-GET, from byte 0 too: the size and bytes already read are the first version's
+            ranged["IfMatch"] = self._etag
+        response = self._storage._call("get_object", self._key, Bucket=self._storage.bucket,
+                                       Key=self._storage._key(self._key), **ranged)
+        if self._etag is None:
+            self._etag, self._size = response.get("ETag"), int(response["ContentLength"])
+        self._body = response["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            parts = []
+            while chunk := self.read(self._CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
+        if self.closed:
+            raise ValueError("read of a closed S3 object stream")
+        return self._retrying(lambda: self._read_once(size))
+
+    def _read_once(self, size: int) -> bytes:
+        if self._offset >= self._size:
+            return b""
+        if self._body is None:
+            self._get()
+        data = self._body.read(size)
+        if size > 0 and not data:  # botocore checks Content-Length; this keeps a short body from passing as EOF
+            from botocore.exceptions import IncompleteReadError
+
+            raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
+        self._offset += len(data)
+        return data
+
+    def _retrying(self, action):
+        """``action()``, repeated after a dropped or stalled connection (also one that drops while botocore
+        reads an error answer's body: for GetObject that happens outside its retry loop, and urllib3's error
+        escapes unwrapped)."""
+        failures, first_failure = 0, None
+        while True:
+            try:
+                return action()
+            except _stream_errors() as exc:
+                self._drop_body()
+                failures += 1
+                first_failure = first_failure or time.monotonic()
+                cfg, where = self._storage.cfg, f"{self._storage.uri}/{self._key}"
+                waited = time.monotonic() - first_failure
+                if failures >= cfg.max_attempts or waited >= cfg.retry_time_s:
+                    raise StorageError(f"{where}: reading the object failed at byte {self._offset} of "
+                                       f"{self._size if self._size is not None else '?'} after {failures} "
+                                       f"attempt(s) in {waited:.1f} s ({self._storage._describe(exc)})") from None
+                delay = min(cfg.retry_time_s - waited, _backoff_s(failures))
+                logger.warning("%s: read dropped at byte %d (%s); resuming in %.2f s (attempt %d of %d)", where,
+                               self._offset, self._storage._describe(exc), delay, failures + 1, cfg.max_attempts)
+                time.sleep(delay)
+
+    def _drop_body(self) -> None:
+        if self._body is not None:
+            try:
+                self._body.close()
+            except _stream_errors():
+                pass  # the connection is gone already; a new GET opens another
+            self._body = None
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
+def _backoff_s(failures: int) -> float:
+    """Full-jitter exponential backoff (as botocore's standard mode): up to 0.1 s * 2**n, at most 5 s."""
+    return random.uniform(0, min(5.0, 0.1 * 2 ** failures))
+
+
+def _log_retry(request_dict=None, response=None, caught_exception=None, attempts=None, operation=None, **_):
+    """botocore ``needs-retry`` hook: a warning for each failed attempt that botocore's retry mode may retry
+    (the path of the request and the cause; no headers, so no credentials)."""
+    if caught_exception is not None:
+        cause = f"{type(caught_exception).__name__}: {str(caught_exception).splitlines()[0][:200]}"
+    elif response is not None and response[0].status_code >= 500:
+        error = response[1].get("Error", {}) if isinstance(response[1], dict) else {}
+        status, code = response[0].status_code, error.get("Code", "")
+        cause = f"HTTP {status} {code}" if code and code != str(status) else f"HTTP {status}"  # HEAD: no body
+    else:
+        return None
+    path = urlparse((request_dict or {}).get("url", "")).path
+    logger.warning("S3 %s %s: attempt %s failed (%s); retried with backoff while attempts remain",
+                   getattr(operation, "name", "?"), path, attempts, cause)
+    return None
+
+
 def make_s3_client(cfg: S3Config):
     """A boto3 S3 client from the standard chain plus ``cfg`` (endpoint, region, profile, retries); one per
     process and setting (clients are thread-safe, and new sessions would fetch credentials again)."""
@@ -241,7 +399,9 @@ def _cached_client(settings: tuple, env_digest: str):
     config = Config(retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
                     connect_timeout=cfg.connect_timeout_s, read_timeout=cfg.read_timeout_s,
                     s3={"addressing_style": "path"} if cfg.endpoint_url else None)
-    return session.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+    client = session.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config)
+    client.meta.events.register("needs-retry.s3", _log_retry)
+    return client
 
 
 def open_storage(uri: str, s3: S3Config | None = None):
