@@ -202,3 +202,28 @@ def test_unusable_output_paths_exit_2_before_any_work(capsys, tmp_path, image_pa
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert stdout == ""  # nothing was computed or printed first
     assert a_file.read_text() == "x"
+
+
+@pytest.mark.parametrize("video_output", ["png", "lossless"])
+def test_pbdp_on_a_full_disk_exits_2_naming_the_file_and_keeps_what_was_there(tmp_path, tiny_disk, video_output):
+    # Old code wrote disparity2.npy through a memory map and died of SIGBUS on a full disk, leaving hidden
+    # temp files (so the command runs in a child process here).
+    video, sidecar = write_scene(demo_scene(width=96, height=64, num_frames=16), tmp_path / "clip.mp4", fps=10)
+    out = tiny_disk.path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("from an earlier run")
+    command = [sys.executable, "-m", "dreamstereo.cli", "-q", "pbdp", str(video), "--disparity", str(sidecar),
+               "--out", str(out), f"video_output={video_output}"]
+    tiny_disk.fill(leave=64 * 1024)  # disparity2.npy alone is 16 x 64 x 96 x 4 = 393 KB
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"dreamstereo pbdp: error: cannot write '{out}/"), lines[0]
+    assert lines[0].endswith("No space left on device [ENOSPC]") and ".tmp-" not in lines[0]
+    assert tiny_disk.files() == ["out", "out/manifest.json"]  # no temp files, nothing half-written
+    assert (out / "manifest.json").read_text() == "from an earlier run"
+    tiny_disk.free()  # with room, the same command writes everything
+    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["frames"] == 16
+    assert not [name for name in tiny_disk.files() if "/." in name]
