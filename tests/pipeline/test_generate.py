@@ -276,11 +276,11 @@ def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, r
         members = {m for m in sample if not m.startswith("__")}
         assert members == {m for m in clean_samples[key] if not m.startswith("__")}
         assert all(sample[m] == clean_samples[key][m] for m in ("json", "mask.npz", "disp.npz")), key
+        # rgb.mp4 and warped.mp4 are not byte-reproducible, not even between two clean runs (H.264 encodes
+        # in the Ray workers differ slightly): compared decoded, within the codec's noise.
         again, first = read_sample(sample), read_sample(clean_samples[key])
-        assert np.array_equal(again.clean, first.clean) and np.array_equal(again.mask, first.mask), key
-        # warped.mp4 is not byte-reproducible from run to run (a float warp into a lossy encode), also
-        # between two clean runs: it is compared decoded, within the codec's noise.
-        assert np.abs(again.warped.astype(np.int16) - first.warped).mean() < 1.0, key
+        for name in ("clean", "warped"):
+            assert np.abs(getattr(again, name).astype(np.int16) - getattr(first, name)).mean() < 1.0, (key, name)
     def verdicts(found):
         return sorted((r["key"], r["status"], r["reason"]) for r in found)
 
