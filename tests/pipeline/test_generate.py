@@ -286,3 +286,29 @@ def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, r
 
     assert verdicts(rows) == verdicts(clean_rows)
     assert LocalStorage(out).list("_staging/") == []
+
+
+def test_a_commit_on_a_full_disk_fails_once_and_the_driver_gets_its_storage_error(ray_local, tiny_disk):
+    import os
+    import time
+
+    import ray
+
+    from dreamstereo.pipeline.io.shards import stage_sample
+    from dreamstereo.pipeline.io.storage import UnwritableStorageError
+    from dreamstereo.pipeline.job import commit_shard, storage_error
+
+    out = tiny_disk.path / "out"
+    part = stage_sample(LocalStorage(out), 0, "a-00000000-c000", {"bin": os.urandom(400 * 1024)})
+    records = [{"key": "a-00000000-c000", "source": "a.mp4", "input_index": 0, "clip_index": 0, "status": "ok",
+                "reason": None, "scores": {}, "part": part}]
+    tiny_disk.fill(leave=200 * 1024)  # the shard tar (400 KB) cannot be written
+    start = time.monotonic()
+    with pytest.raises(Exception) as info:  # 6 attempts would back off 2 + 4 + 8 + 10 + 10 s: none is made
+        ray.get(ray.remote(commit_shard).options(max_retries=3).remote(str(out), S3Config(), 0, records, {}, "h", 6))
+    assert time.monotonic() - start < 20
+    error = storage_error(info.value)
+    assert type(error) is UnwritableStorageError
+    assert str(error) == f"cannot write {str(out / 'shards' / '000000.tar')!r}: No space left on device [ENOSPC]"
+    assert storage_error(RuntimeError("a bug")) is None
+    assert [n for n in tiny_disk.files() if "/shards/" in n or "/." in n] == []
