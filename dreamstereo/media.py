@@ -81,7 +81,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         _raise_write_failure(exc, path, tmp)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (unlink of a missing file on a read-only disk fails with EROFS)
+            tmp.unlink()
 
 
 def _replace(source: Path, target: Path) -> None:

@@ -149,6 +149,12 @@ class TinyDisk:
     def free(self) -> None:
         self.filler.unlink(missing_ok=True)
 
+    def read_only(self) -> None:
+        """Remount read-only (writes then fail with EROFS, even for root)."""
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, capture_output=True)
+
     def files(self) -> list[str]:
         """Every file and folder under the disk except the filler, relative and sorted."""
         return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p != self.filler)

@@ -94,3 +94,17 @@ def test_writes_on_a_full_disk_name_the_file_and_the_cause_and_leave_nothing(tin
     with pytest.raises(media.WriteError, match=r"'.*/notes\.txt'.*No space left on device"):
         media.write_text(tiny_disk.path / "notes.txt", "x" * 100_000)
     assert tiny_disk.files() == []
+
+
+def test_writes_on_a_read_only_disk_name_the_file_and_the_cause(tiny_disk):
+    tiny_disk.read_only()
+    with pytest.raises(media.WriteError) as info:
+        media.write_image(tiny_disk.path / "sub" / "image.png", np.zeros((4, 4, 3), np.uint8))
+    assert info.value.errno == errno.EROFS
+    assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'sub' / 'image.png')!r}: "
+                               f"Read-only file system [EROFS]")
+    with pytest.raises(media.WriteError, match=r"/out'?: Read-only file system \[EROFS\]"):
+        with media.staged_folder(tiny_disk.path / "out"):
+            pass
+    with pytest.raises(media.WriteError, match=r"'.*/v\.mkv': Read-only file system \[EROFS\]"):
+        media.write_video(tiny_disk.path / "v.mkv", np.zeros((2, 8, 8, 3), np.uint8), 8, lossless=True)

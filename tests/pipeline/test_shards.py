@@ -128,3 +128,16 @@ def test_a_full_disk_is_a_storage_error_naming_the_object_and_leaves_no_partial_
     stats = commit_staged(storage, 4, records)
     assert stats["samples"] == 2 and committed_shards(storage) == {4} and storage.list("_staging/") == []
     assert not [n for n in tiny_disk.files() if "/." in n]
+
+
+def test_a_read_only_disk_is_an_unwritable_storage_error_naming_the_object(tiny_disk):
+    from dreamstereo.pipeline.io.storage import UnwritableStorageError
+
+    storage = LocalStorage(tiny_disk.path / "out")
+    storage.write_bytes("kept.json", b"{}")
+    tiny_disk.read_only()
+    with pytest.raises(UnwritableStorageError) as info:
+        storage.write_bytes("shards/000000_stats.json", b"{}")
+    assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'out' / 'shards' / '000000_stats.json')!r}: "
+                               f"Read-only file system [EROFS]")
+    assert storage.read_bytes("kept.json") == b"{}" and storage.list() == ["kept.json"]

@@ -97,7 +97,8 @@ class LocalStorage:
             error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
             raise error(f"cannot write {str(path)!r}: {os_error_reason(exc)}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():  # (unlink of a missing file on a read-only disk fails with EROFS)
+                tmp.unlink()
 
     def remove_temp_files(self) -> list[str]:
         """Delete the temporary files of writes whose process was killed mid-write; return their paths.
