@@ -227,3 +227,13 @@ def test_pbdp_on_a_full_disk_exits_2_naming_the_file_and_keeps_what_was_there(tm
     assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
     assert json.loads((out / "manifest.json").read_text())["frames"] == 16
     assert not [name for name in tiny_disk.files() if "/." in name]
+
+
+def test_warp_eval_report_on_a_full_disk_exits_2_naming_it(capsys, tmp_path, tiny_disk):
+    _write_middlebury_like_pair(tmp_path / "pairs" / "Step")
+    report = tiny_disk.path / "report.json"
+    tiny_disk.fill(leave=0)
+    code, _, err = _run(capsys, "warp-eval", str(tmp_path / "pairs"), "--json", str(report))
+    assert code == 2 and err == f"dreamstereo warp-eval: error: cannot write {str(report)!r}: " \
+                                "No space left on device [ENOSPC]\n"
+    assert tiny_disk.files() == []
