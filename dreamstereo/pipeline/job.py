@@ -136,6 +136,11 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
 
     ``retry_failed`` also redoes committed shards holding a sample that failed with a retryable code
     (``types.RETRYABLE_CODES``: unreadable input, depth model failure); their keys do not change.
+
+    Raises:
+        StorageError: the output cannot be used: unreachable, or it refused a write (a full or read-only
+            disk, named with its cause). The job stops at once, commits in flight end first, and no
+            temporary file stays; committed shards stay, the others are redone by a rerun.
     """
     start = time.perf_counter()
     if "://" not in output:  # workers open it too: not relative to their working directory
@@ -205,7 +210,8 @@ def _claim_output(storage, inputs, cfg: GenerateConfig) -> None:
 
 def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
     """Route finished records to their shard; when all inputs of a shard are accounted for, hand the
-    shard to a commit task (sample bytes stay in the workers and the output storage)."""
+    shard to a commit task (sample bytes stay in the workers and the output storage). A sample the output
+    refused to stage, or a commit it refused (full, read-only), stops the job with that StorageError."""
     import ray
 
     # Per-shard state lives only while a shard is open, so the driver does not grow with the corpus.
