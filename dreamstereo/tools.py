@@ -58,7 +58,7 @@ class _ArrayWriter:
             self._file = open(tmp, "wb")
             header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
                       "shape": self.shape}
-            np.lib.format.write_array_header_2_0(self._file, header)
+            np.lib.format.write_array_header_1_0(self._file, header)  # as np.save writes it
         except BaseException as exc:
             self._close(exc)
             raise
