@@ -246,24 +246,26 @@ def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
 
 
 def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, ray_local, corpus, tmp_path,
-                                                                       tiny_disk, monkeypatch):
-    import logging
+                                                                       tiny_disk):
+    import os
     import re
+    import subprocess
+    import sys
 
-    # The CLI's log handler is then bound to this test's stderr, not to an earlier test's closed capture
-    # (whose "--- Logging error ---" reports would carry a traceback of their own).
-    monkeypatch.setattr(logging.getLogger(), "handlers", [])
     args = ["--input", str(corpus / "scene[0-2].mp4"), *SMALL]
     clean = tmp_path / "clean"
     assert _run(capsys, "generate", "--output", str(clean), *args)[0] == 0
     out = tiny_disk.path / "out"
     tiny_disk.fill(leave=100 * 1024)  # room for about three staged samples, not for the whole output
-    code, captured = _run(capsys, "generate", "--output", str(out), *args)
-    assert code == 2, captured.err
-    last = captured.err.strip().splitlines()[-1]
+    # The failing run is a real command (its own process and local Ray): its stderr is what a user sees.
+    failed = subprocess.run([sys.executable, "-m", "dreamstereo.cli", "-q", "generate", "--output", str(out), *args],
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True,
+                            timeout=600)
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
     assert re.fullmatch(rf"dreamstereo generate: error: cannot write '{re.escape(str(out))}/[^']+': "
-                        rf"No space left on device \[ENOSPC\]", last), captured.err
-    assert "Traceback" not in captured.err + captured.out
+                        rf"No space left on device \[ENOSPC\]", last), failed.stderr
+    assert "Traceback" not in failed.stderr + failed.stdout
     files = tiny_disk.files()
     assert not [name for name in files if "/." in name], files  # no temp files
     for name in files:  # no half-written shard: a tar or parquet only beside its commit marker
