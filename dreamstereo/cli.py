@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     # Imports are deferred so that `--help` stays fast.
     from dreamstereo.config import ConfigError
     from dreamstereo.media import MediaError
+    from dreamstereo.pipeline.io.storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)
-    except (ConfigError, MediaError, OSError) as exc:  # OSError: missing files, no space, no permission
+    # OSError: missing files, no permission; media.WriteError (an OSError) and StorageError: an output that
+    # is full, read-only or unreachable, named with its cause. All are the user's environment, not bugs.
+    except (ConfigError, MediaError, OSError, StorageError) as exc:
         print(f"dreamstereo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -216,7 +219,9 @@ def _cmd_warp_eval(args) -> int:
     print(format_table(rows))
     report = {"version": __version__, "folder": str(args.folder), "config_hash": config_hash(cfg),
               "delta": cfg.warp.delta, "hole_margin": cfg.warp.hole_margin, "rows": rows}
-    Path(args.json).write_text(json.dumps(report, indent=2))
+    from dreamstereo import media
+
+    media.write_text(args.json, json.dumps(report, indent=2))  # all-or-nothing; a full disk names the file
     print(f"wrote {args.json}")
     return 0
 

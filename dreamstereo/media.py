@@ -2,7 +2,8 @@
 
 Frames leave and enter here as ``(T, H, W, 3)`` uint8 RGB (or float32 in [0, 1] where noted);
 disparity as ``(T, H, W)`` float32 pixels. Writers go through a temporary name and a rename, so a
-failed write never leaves a half-written file under the final name.
+failed write never leaves a half-written file under the final name; a full, read-only or forbidden
+output raises :class:`WriteError`, which names the output (not the temporary) and the cause.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 
 from dreamstereo.arrays import ArrayFile, ArrayFileError
 from dreamstereo.stages.decode import TIME_TOLERANCE_S, decodable_end_s
+from dreamstereo.types import UNWRITABLE_ERRNOS, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,29 @@ class MediaError(ValueError):
     """A file that cannot be read or has the wrong content; the message names the file and the reason."""
 
 
+class WriteError(OSError):
+    """An output that cannot be written: a full disk, a quota, a read-only or forbidden folder. The user's
+    environment, not a bug: the message names the output file (never its temporary name) and the cause.
+    It stays an OSError with the original ``errno``."""
+
+    def __init__(self, path: str | Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename!r}: {os_error_reason(self)}"
+
+
+def _raise_write_failure(exc: OSError, path: Path, *own: Path):
+    """Raise ``exc`` as a :class:`WriteError` naming ``path`` when it is a refused write of ``path`` or of
+    one of ``own`` (its temporary names; no file name: a failed ``write()``); else raise it unchanged
+    (another file's error passing through, or a bug keeps its traceback)."""
+    if isinstance(exc, WriteError) or exc.errno not in UNWRITABLE_ERRNOS:
+        raise exc
+    if exc.filename is not None and Path(os.fsdecode(exc.filename)) not in (path, *own, *path.parents):
+        raise exc
+    raise WriteError(path, exc) from None
+
+
 def is_image(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
@@ -47,15 +72,68 @@ def is_image(path: str | Path) -> bool:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write to; rename it to ``path`` on success, delete on error.
 
-    Missing parent folders are created."""
+    Missing parent folders are created. A write the disk refuses (full, read-only, quota, permission)
+    raises :class:`WriteError` naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        _raise_write_failure(exc, path, tmp)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.exists():  # (unlink of a missing file on a read-only disk fails with EROFS)
+            tmp.unlink()
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, replacing a file or a whole folder of that name."""
+    if not (source.is_dir() and target.exists()):
+        os.replace(source, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(source, target)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path, *, last: tuple[str, ...] = ("manifest.json",)) -> Iterator[Path]:
+    """Yield a hidden folder inside ``folder`` for all of one run's outputs; on success move them into
+    ``folder`` (names in ``last`` at the end: the manifest appears only beside complete outputs), on
+    error delete them. A run thus leaves all its outputs or none, and what ``folder`` held before is
+    only ever replaced by a complete run (a full disk mid-run loses nothing). A ``folder`` this run
+    created is removed again when the run fails and leaves it empty.
+
+    Raises:
+        WriteError: a refused write, naming the file's final path under ``folder``.
+    """
+    folder = Path(folder)
+    stage = folder / f".staging-{os.getpid()}"
+    created = not folder.exists()
+    try:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            stage.mkdir(exist_ok=True)
+            yield stage
+            for entry in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):
+                _replace(entry, folder / entry.name)
+        except WriteError as exc:  # name the file where the user will look for it
+            name = Path(exc.filename)
+            if not name.is_relative_to(stage):
+                raise
+            raise WriteError(folder / name.relative_to(stage), exc) from None
+        except OSError as exc:
+            _raise_write_failure(exc, folder, stage)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -86,9 +164,16 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     img = to_uint8(image)
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    # Encoded in memory and written by Python: cv2.imwrite reports a full disk only as False.
+    suffix = Path(path).suffix.lower() or ".png"
+    try:
+        ok, encoded = cv2.imencode(suffix, img)
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise MediaError(f"{str(path)!r}: cannot encode an image as {suffix!r}")
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), img):
-            raise MediaError(f"{str(path)!r}: could not write image")
+        tmp.write_bytes(encoded.tobytes())
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -338,11 +423,15 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
-            if exc_type is None:
-                for packet in self._stream.encode():
-                    self._container.mux(packet)
-        finally:
-            self._container.close()
+            try:
+                if exc_type is None:
+                    for packet in self._stream.encode():
+                        self._container.mux(packet)
+            finally:
+                self._container.close()
+        except BaseException as error:  # the final flush failed (a full disk): no temporary file stays
+            self._atomic.__exit__(type(error), error, error.__traceback__)
+            raise
         self._atomic.__exit__(exc_type, exc, tb)
 
 
@@ -360,12 +449,19 @@ class ImageSequenceWriter:
         self.folder = Path(folder)
         self._tmp = self.folder.with_name(f".{self.folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(self._tmp, ignore_errors=True)
-        self._tmp.mkdir(parents=True)
+        try:
+            self._tmp.mkdir(parents=True)
+        except OSError as exc:
+            _raise_write_failure(exc, self.folder, self._tmp)
         self._count = 0
 
     def write(self, frames: np.ndarray) -> None:
         for frame in frames:
-            write_image(self._tmp / f"{self._count:06d}.png", frame)
+            name = f"{self._count:06d}.png"
+            try:
+                write_image(self._tmp / name, frame)
+            except WriteError as exc:
+                raise WriteError(self.folder / name, exc) from None
             self._count += 1
 
     def __enter__(self) -> "ImageSequenceWriter":
@@ -375,11 +471,7 @@ class ImageSequenceWriter:
         if exc_type is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             return
-        old = self.folder.with_name(f".{self.folder.name}.old-{os.getpid()}")
-        if self.folder.exists():
-            os.replace(self.folder, old)
-        os.replace(self._tmp, self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace(self._tmp, self.folder)
 
 
 def _fps_fraction(fps: float):

@@ -115,6 +115,7 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
 
     Raises:
         media.MediaError: the video cannot be read (nothing is written then).
+        media.WriteError: the output cannot be written (full, read-only); what ``out_dir`` held is kept.
     """
     start = time.perf_counter()
     video, out_dir = Path(video), Path(out_dir)
@@ -158,23 +159,25 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
                 first_kept = not any(r.status == "kept" for r in results)
                 results.append(process_clip(clip, index, source, probe, relative, cfg, depth_weights,
                                             make_preview=first_kept))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sheet = None
-    for result in results:
-        if result.members is not None:
-            write_sample_files(out_dir, result.key, result.members)
-            sheet = sheet if sheet is not None else result.preview
-        detail = f" ({result.reason})" if result.reason else f" (mask {100 * result.scores['mask_ratio']:.1f}%)"
-        echo(f"{result.key}: {result.status}{detail}")
-    if sheet is not None:
-        media.write_image(out_dir / "preview.png", sheet)
-    manifest = {
-        "command": "process", "version": __version__, "source": source,
-        "probe": dataclasses.asdict(probe) if probe else None, "depth_backend": cfg.depth.backend.value,
-        "depth_weights": depth_weights, "config_hash": config_hash(cfg),
-        "clips": [r.record() for r in results],
-        "kept": sum(r.status == "kept" for r in results), "seconds": round(time.perf_counter() - start, 3),
-    }
-    media.write_text(out_dir / "config.yaml", to_yaml(cfg))
-    media.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
+    # Members, preview, config and manifest appear together (manifest last) or not at all: a full disk
+    # leaves the output folder as it was.
+    with media.staged_folder(out_dir) as stage:
+        sheet = None
+        for result in results:
+            if result.members is not None:
+                write_sample_files(stage, result.key, result.members)
+                sheet = sheet if sheet is not None else result.preview
+            detail = f" ({result.reason})" if result.reason else f" (mask {100 * result.scores['mask_ratio']:.1f}%)"
+            echo(f"{result.key}: {result.status}{detail}")
+        if sheet is not None:
+            media.write_image(stage / "preview.png", sheet)
+        manifest = {
+            "command": "process", "version": __version__, "source": source,
+            "probe": dataclasses.asdict(probe) if probe else None, "depth_backend": cfg.depth.backend.value,
+            "depth_weights": depth_weights, "config_hash": config_hash(cfg),
+            "clips": [r.record() for r in results],
+            "kept": sum(r.status == "kept" for r in results), "seconds": round(time.perf_counter() - start, 3),
+        }
+        media.write_text(stage / "config.yaml", to_yaml(cfg))
+        media.write_text(stage / "manifest.json", json.dumps(manifest, indent=2))
     return manifest

@@ -44,25 +44,46 @@ class _PngWriter:
 
 
 class _ArrayWriter:
-    """A ``(T, H, W)`` float32 ``.npy`` filled chunk by chunk; it appears only when closed cleanly."""
+    """A ``(T, H, W)`` float32 ``.npy`` appended chunk by chunk; it appears only when closed cleanly.
+
+    Plain writes, not a memory map: a store through a mapping into a file on a full disk kills the
+    process with SIGBUS, while ``write()`` raises ENOSPC (a :class:`media.WriteError`)."""
 
     def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
         self._atomic = media.atomic_path(path)
         tmp = self._atomic.__enter__()
-        self._array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        self._next = 0
+        self._file = None
+        try:
+            self._file = open(tmp, "wb")
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self._file, header)  # as np.save writes it
+        except BaseException as exc:
+            self._close(exc)
+            raise
 
     def write(self, values: np.ndarray) -> None:
-        self._array[self._next:self._next + len(values)] = values
-        self._next += len(values)
+        self._file.write(np.ascontiguousarray(values, dtype="<f4").tobytes())
+
+    def _close(self, exc: BaseException | None) -> None:
+        """Close the file, then rename it into place (``exc`` None) or delete it; a refused write is
+        re-raised as a WriteError naming the output."""
+        try:
+            if self._file is not None:
+                self._file.close()  # flushes: a full disk can fail here too
+        except BaseException as error:
+            exc = error
+        if exc is None:
+            self._atomic.__exit__(None, None, None)
+        elif not self._atomic.__exit__(type(exc), exc, exc.__traceback__):
+            raise exc
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self._array.flush()
-        del self._array
-        self._atomic.__exit__(exc_type, exc, tb)
+        self._close(exc)
 
 
 VIEW_NAMES = ("view2", "mask2", "view1", "mask1")
@@ -74,8 +95,10 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
 
     A video is streamed in chunks of ``cfg.chunk_frames`` frames, so its length is not bounded by
     memory. Inputs are checked before anything is written (a NaN deep inside a long video's disparity
-    is found when its chunk is read); each output appears under its name only once it is complete, so
-    a failure leaves nothing behind. Returns the manifest also written to ``out_dir/manifest.json``.
+    is found when its chunk is read). Outputs are written into a hidden folder in ``out_dir`` and moved
+    into place together, manifest last, once all are complete: a failure (a full disk included) leaves
+    nothing behind and loses nothing ``out_dir`` held. Returns the manifest also written to
+    ``out_dir/manifest.json``.
     """
     start = time.perf_counter()
     input_path, out_dir = Path(input_path), Path(out_dir)
@@ -92,17 +115,22 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
         raise media.MediaError(
             f"disparity file {str(disparity_path)!r}: shape (T, H, W) = {disparity.shape} does not match "
             f"{str(input_path)!r} with {expected[0]} frame(s) of {expected[2]}x{expected[1]}")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        outputs, totals, sheet = _stream_pbdp(chunks, disparity, out_dir, fps, expected, cfg)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    media.write_image(out_dir / "preview.png", sheet)
-    outputs["preview"] = "preview.png"
-    manifest = {
+    with media.staged_folder(out_dir) as stage:  # all outputs appear together, manifest last, or none
+        outputs, totals, sheet = _stream_pbdp(chunks, disparity, stage, fps, expected, cfg)
+        media.write_image(stage / "preview.png", sheet)
+        outputs["preview"] = "preview.png"
+        manifest = _pbdp_manifest(input_path, disparity_path, expected, fps, cfg, totals, outputs, start)
+        media.write_text(stage / "config.yaml", to_yaml(cfg))
+        media.write_text(stage / "manifest.json", json.dumps(manifest, indent=2))
+    logger.info("pbdp: %d frame(s) %dx%d -> %s (mask1 %.1f%%)", manifest["frames"], manifest["width"],
+                manifest["height"], out_dir, 100 * manifest["mask1_ratio"])
+    return manifest
+
+
+def _pbdp_manifest(input_path, disparity_path, expected, fps, cfg: PbdpConfig, totals: dict, outputs: dict,
+                   start: float) -> dict:
+    """What ``manifest.json`` of a pbdp run records."""
+    return {
         "command": "pbdp",
         "version": __version__,
         "input": str(input_path),
@@ -120,11 +148,6 @@ def run_pbdp(input_path: str | Path, disparity_path: str | Path, out_dir: str | 
         "config_hash": config_hash(cfg),
         "outputs": outputs,
     }
-    media.write_text(out_dir / "config.yaml", to_yaml(cfg))
-    media.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
-    logger.info("pbdp: %d frame(s) %dx%d -> %s (mask1 %.1f%%)", manifest["frames"], manifest["width"],
-                manifest["height"], out_dir, 100 * manifest["mask1_ratio"])
-    return manifest
 
 
 def _open_writers(stack: contextlib.ExitStack, out_dir: Path, fps: float | None, expected, cfg: PbdpConfig):

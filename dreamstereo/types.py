@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 
 import torch
 
@@ -122,3 +123,15 @@ class RejectReason(str, enum.Enum):
     STATIC = "static"  # blank or near-static clip
     TOO_SHORT = "too_short"
     TOO_SMALL = "too_small"
+
+
+# What a full, read-only or forbidden output looks like: the user's environment, not a bug in the code.
+UNWRITABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def os_error_reason(exc: OSError) -> str:
+    """``No space left on device [ENOSPC]``: the cause of an OSError without its file name (callers name
+    the file the user knows, not a temporary one)."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return f"{text} [{name}]" if name else text

@@ -128,3 +128,54 @@ def toy_wan_model(tmp_path_factory) -> str:
     from dreamstereo.toy_models import save_toy_wan
 
     return save_toy_wan(tmp_path_factory.mktemp("wan-model") / "toy-wan", text_encoder=False)
+
+
+class TinyDisk:
+    """A small tmpfs mounted for one test: ``path`` is its root; ``fill(leave)`` leaves about ``leave``
+    bytes free (a filler file takes the rest), ``free()`` deletes the filler."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.filler = path / "filler"
+
+    def available(self) -> int:
+        stat = os.statvfs(self.path)
+        return stat.f_bavail * stat.f_frsize
+
+    def fill(self, leave: int) -> None:
+        with open(self.filler, "ab") as fh:
+            fh.write(b"\0" * max(self.available() - leave, 0))
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def read_only(self) -> None:
+        """Remount read-only (writes then fail with EROFS, even for root)."""
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True, capture_output=True)
+
+    def files(self) -> list[str]:
+        """Every file and folder under the disk except the filler, relative and sorted."""
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.rglob("*") if p != self.filler)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs in ``tmp_path/disk`` (a full disk on demand: ``tiny_disk.fill(leave)``), unmounted
+    afterwards. Mounting needs root (as here and in CI); elsewhere the test is skipped."""
+    import shutil
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command: cannot make a small tmpfs for a full-disk test")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full-disk test (needs root): {done.stderr.strip()}")
+    try:
+        yield TinyDisk(mount)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

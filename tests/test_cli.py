@@ -233,3 +233,38 @@ def test_pbdp_takes_a_disparity_of_the_frames_that_decode(capsys, tmp_path):
     assert json.loads((tmp_path / "o" / "manifest.json").read_text())["frames"] == 12
     code, _, err = _run(capsys, "pbdp", video, "--disparity", str(tmp_path / "d13.npy"), "--out", str(tmp_path / "p"))
     assert code == 2 and "(13, 32, 48)" in err and "(12, 32, 48)" in err
+
+
+@pytest.mark.parametrize("video_output", ["png", "lossless"])
+def test_pbdp_on_a_full_disk_exits_2_naming_the_file_and_keeps_what_was_there(tmp_path, tiny_disk, video_output):
+    # Old code wrote disparity2.npy through a memory map and died of SIGBUS on a full disk, leaving hidden
+    # temp files (so the command runs in a child process here).
+    video, sidecar = write_scene(demo_scene(width=96, height=64, num_frames=16), tmp_path / "clip.mp4", fps=10)
+    out = tiny_disk.path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("from an earlier run")
+    command = [sys.executable, "-m", "dreamstereo.cli", "-q", "pbdp", str(video), "--disparity", str(sidecar),
+               "--out", str(out), f"video_output={video_output}"]
+    tiny_disk.fill(leave=64 * 1024)  # disparity2.npy alone is 16 x 64 x 96 x 4 = 393 KB
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"dreamstereo pbdp: error: cannot write '{out}/"), lines[0]
+    assert lines[0].endswith("No space left on device [ENOSPC]") and ".tmp-" not in lines[0]
+    assert tiny_disk.files() == ["out", "out/manifest.json"]  # no temp files, nothing half-written
+    assert (out / "manifest.json").read_text() == "from an earlier run"
+    tiny_disk.free()  # with room, the same command writes everything
+    assert subprocess.run(command, capture_output=True, text=True, timeout=300).returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["frames"] == 16
+    assert not [name for name in tiny_disk.files() if "/." in name]
+
+
+def test_warp_eval_report_on_a_full_disk_exits_2_naming_it(capsys, tmp_path, tiny_disk):
+    _write_middlebury_like_pair(tmp_path / "pairs" / "Step")
+    report = tiny_disk.path / "report.json"
+    tiny_disk.fill(leave=0)
+    code, _, err = _run(capsys, "warp-eval", str(tmp_path / "pairs"), "--json", str(report))
+    assert code == 2 and err == f"dreamstereo warp-eval: error: cannot write {str(report)!r}: " \
+                                "No space left on device [ENOSPC]\n"
+    assert tiny_disk.files() == []

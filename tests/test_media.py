@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 import cv2
 import numpy as np
 import pytest
@@ -78,3 +80,31 @@ def test_unreadable_video_is_a_media_error_and_no_temp_left(tmp_path):
     with pytest.raises(media.MediaError, match="frame rate"):
         media.write_video(tmp_path / "out.mp4", np.zeros((1, 4, 4, 3), np.uint8), fps=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.mp4"]
+
+
+def test_writes_on_a_full_disk_name_the_file_and_the_cause_and_leave_nothing(tiny_disk):
+    tiny_disk.fill(leave=8 * 1024)
+    noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)  # ~200 KB as PNG
+    with pytest.raises(media.WriteError, match=r"'.*/image\.png'.*No space left on device") as info:
+        media.write_image(tiny_disk.path / "image.png", noise)
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
+    frames = np.random.default_rng(1).integers(0, 256, (8, 128, 128, 3), dtype=np.uint8)
+    with pytest.raises(media.WriteError, match=r"'.*/video\.mkv'.*No space left on device"):
+        media.write_video(tiny_disk.path / "video.mkv", frames, 8, lossless=True)
+    with pytest.raises(media.WriteError, match=r"'.*/notes\.txt'.*No space left on device"):
+        media.write_text(tiny_disk.path / "notes.txt", "x" * 100_000)
+    assert tiny_disk.files() == []
+
+
+def test_writes_on_a_read_only_disk_name_the_file_and_the_cause(tiny_disk):
+    tiny_disk.read_only()
+    with pytest.raises(media.WriteError) as info:
+        media.write_image(tiny_disk.path / "sub" / "image.png", np.zeros((4, 4, 3), np.uint8))
+    assert info.value.errno == errno.EROFS
+    assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'sub' / 'image.png')!r}: "
+                               f"Read-only file system [EROFS]")
+    with pytest.raises(media.WriteError, match=r"/out'?: Read-only file system \[EROFS\]"):
+        with media.staged_folder(tiny_disk.path / "out"):
+            pass
+    with pytest.raises(media.WriteError, match=r"'.*/v\.mkv': Read-only file system \[EROFS\]"):
+        media.write_video(tiny_disk.path / "v.mkv", np.zeros((2, 8, 8, 3), np.uint8), 8, lossless=True)

@@ -298,3 +298,27 @@ def test_a_sidecar_of_the_decodable_frames_is_accepted(capsys, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["probe"]["frames"] == 20 and len(manifest["clips"]) == 2
     assert manifest["clips"] and all(c["status"] in ("kept", "rejected") for c in manifest["clips"]), manifest
+
+
+def test_a_full_disk_exits_2_naming_the_file_and_leaves_the_output_as_it_was(capsys, tmp_path, tiny_disk):
+    video, _ = write_scene(demo_scene(width=192, height=128, num_frames=30), tmp_path / "scene.mp4", fps=24)
+    out = tiny_disk.path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("from an earlier run")
+    (out / "notes.txt").write_text("the user's")
+    argv = ["process", video, "--out", str(out), "--depth", "oracle", *SMALL]
+    tiny_disk.fill(leave=32 * 1024)  # less than one sample's members
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dreamstereo process: error: cannot write '{out}/"), err
+    assert lines[0].endswith("No space left on device [ENOSPC]") and ".staging" not in lines[0]
+    assert tiny_disk.files() == ["out", "out/manifest.json", "out/notes.txt"]  # no members, no temp files
+    assert (out / "manifest.json").read_text() == "from an earlier run"
+    tiny_disk.free()  # with room, the same command completes
+    code, stdout, err = _run(capsys, *argv)
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = [c for c in manifest["clips"] if c["status"] == "kept"]
+    assert kept and read_sample_files(out, kept[0]["key"]).clean.shape == (9, 64, 96, 3)
+    assert (out / "notes.txt").read_text() == "the user's" and not [n for n in tiny_disk.files() if "/." in n]

@@ -246,13 +246,17 @@ class WriteActor:
 
 
 def write_batch(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
-    """Stage each kept sample's members in ``storage``; pass on the record naming the staged part."""
+    """Stage each kept sample's members in ``storage``; pass on the record naming the staged part (or, when
+    the storage refused it, ``staging_error``: the job cannot go on, and the driver stops it)."""
     out = []
     for row in _rows(batch):
         start = time.perf_counter()
         record, timings = json.loads(row["record"]), json.loads(row["timings"])
         if row["members"]:
-            record["part"] = stage_sample(storage, int(row["shard"]), record["key"], unpack_members(row["members"]))
+            try:
+                record["part"] = stage_sample(storage, int(row["shard"]), record["key"], unpack_members(row["members"]))
+            except StorageError as exc:  # a full or unreachable output: the driver ends the job with this line
+                record["staging_error"] = str(exc)  # (raised here, Ray would print its traceback instead)
             timings["write"] = time.perf_counter() - start
         out.append({"shard": row["shard"], "input_index": row["input_index"], "clips": row["clips"],
                     "record": json.dumps(record), "timings": json.dumps(timings)})

@@ -25,7 +25,8 @@ from dreamstereo.config import ProcessConfig, config_hash, to_yaml
 from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
 from dreamstereo.pipeline.io.manifest import InputConfig, check_input_access, read_inputs, split_shards
 from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed_shards, shard_name
-from dreamstereo.pipeline.io.storage import S3Config, open_storage
+from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, StorageError, UnwritableStorageError,
+                                             open_storage)
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES
 
@@ -156,6 +157,11 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
 
     ``retry_failed`` also redoes committed shards holding a sample that failed with a retryable code
     (``types.RETRYABLE_CODES``: unreadable input, depth model failure); their keys do not change.
+
+    Raises:
+        StorageError: the output cannot be used: unreachable, or it refused a write (a full or read-only
+            disk, named with its cause). The job stops at once, commits in flight end first, and no
+            temporary file stays; committed shards stay, the others are redone by a rerun.
     """
     start = time.perf_counter()
     if "://" not in output:  # workers open it too: not relative to their working directory
@@ -164,6 +170,7 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     inputs = read_inputs(source, cfg.input, cfg.s3)  # the inputs first: a bad input list creates no output
     check_input_access(inputs, cfg.s3)
     storage.check()
+    _remove_temp_files(storage)  # of writers killed in an earlier run
     shards = split_shards(inputs, cfg.shard_size)
     _claim_output(storage, inputs, cfg)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
@@ -184,7 +191,11 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
                            "path (a shared filesystem), or use s3://", output, sum(n["Alive"] for n in ray.nodes()))
         items = [{"shard": k, "input_index": i, "uri": v.uri, "problem": v.problem or ""}
                  for k in pending for i, v in enumerate(shards[k])]
-        failed_shards = _stream(build_dataset(items, cfg, output), shards, pending, output, cfg, echo, len(done))
+        try:
+            failed_shards = _stream(build_dataset(items, cfg, output), shards, pending, output, cfg, echo, len(done))
+        except StorageError:
+            _remove_temp_files(storage)  # of writers Ray stopped mid-write when the job ended
+            raise
     _clear_staging(storage, committed_shards(storage))
     summary = None if pending else _recorded_summary(storage, cfg, len(shards))
     if summary is None:  # a rerun with nothing to do keeps the figures of the run that did the work
@@ -223,7 +234,8 @@ def _claim_output(storage, inputs, cfg: GenerateConfig) -> None:
 
 def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
     """Route finished records to their shard; when all inputs of a shard are accounted for, hand the
-    shard to a commit task (sample bytes stay in the workers and the output storage)."""
+    shard to a commit task (sample bytes stay in the workers and the output storage). A sample the output
+    refused to stage, or a commit it refused (full, read-only), stops the job with that StorageError."""
     import ray
 
     # Per-shard state lives only while a shard is open, so the driver does not grow with the corpus.
@@ -233,6 +245,7 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
     timings: dict[int, collections.Counter] = {}
     commits: dict = {}  # in-flight commit task -> shard
     failed = []
+    fatal: list[StorageError] = []  # an output that refuses writes (or staging that failed) ends the job
     config = config_hash(cfg)
     commit_task = ray.remote(commit_shard).options(num_cpus=cfg.resources.write_num_cpus,
                                                    max_retries=cfg.resources.worker_retries)
@@ -246,15 +259,23 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
                 ray.get(ref)
                 progress.committed(shard, len(commits))
             except Exception as exc:  # storage kept failing: the shard stays pending for a rerun
-                logger.error("shard %06d did not commit: %s", shard, exc)
+                error = storage_error(exc)
+                if isinstance(error, UnwritableStorageError):
+                    fatal.append(error)
+                else:
+                    logger.error("shard %06d did not commit: %s", shard, exc)
                 failed.append(shard)
 
-    for row in ds.iter_rows():
+    rows = iter(ds.iter_rows())
+    for row in rows:
+        record, clip_timings = json.loads(row["record"]), json.loads(row["timings"])
+        if record.get("staging_error"):  # the output refused a sample (see actors.write_batch)
+            fatal.append(StorageError(record["staging_error"]))
+            break
         shard, index = int(row["shard"]), int(row["input_index"])
         if shard not in records:
             records[shard], clips_seen[shard], inputs_done[shard] = [], collections.Counter(), 0
             timings[shard] = collections.Counter()
-        record, clip_timings = json.loads(row["record"]), json.loads(row["timings"])
         records[shard].append(record)
         timings[shard].update(clip_timings)
         progress.clip(record.get("frames", 0), clip_timings, len(records))
@@ -267,9 +288,29 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
             commits[ref] = shard
             del clips_seen[shard], inputs_done[shard]
         collect(timeout=0)
-    collect(timeout=None)
+        if fatal:
+            break
+    rows.close()  # stops the graph when the job ends early
+    collect(timeout=None)  # commits in flight end (commit or fail whole) before the driver does
+    if fatal:
+        raise fatal[0]
     failed.extend(records)  # shards that never completed (should not happen: every input yields a row)
     return sorted(failed)
+
+
+def storage_error(exc: BaseException) -> StorageError | None:
+    """The StorageError a Ray task raised, unwrapped from Ray's exceptions (``RayTaskError.cause`` and
+    ``__cause__`` chains); None when ``exc`` is something else (a bug)."""
+    todo, seen = [exc], set()
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, StorageError) and type(error).__module__ == StorageError.__module__:
+            return error  # the original class, not Ray's RayTaskError subclass of it (its str is a traceback)
+        todo.extend([getattr(error, "cause", None), error.__cause__, error.__context__])
+    return None
 
 
 class _Progress:
@@ -314,12 +355,22 @@ def commit_shard(output: str, s3: S3Config, shard: int, records: list[dict], tim
     for attempt in range(1, attempts + 1):
         try:
             return commit_staged(storage, shard, records, timings, config_hash=config)
+        except UnwritableStorageError:  # a full or read-only disk stays so: no retry
+            raise
         except Exception as exc:
             if attempt == attempts:
                 raise
             logger.warning("shard %06d: commit attempt %d/%d failed: %s", shard, attempt, attempts, exc)
             time.sleep(min(2 ** attempt, 10))
     raise AssertionError("unreachable")
+
+
+def _remove_temp_files(storage) -> None:
+    """Delete temporary files that writers killed mid-write left in a local output (S3 has none: an object
+    appears only when its upload completes)."""
+    if isinstance(storage, LocalStorage):
+        for name in storage.remove_temp_files():
+            logger.info("removed %s (a write that did not finish)", name)
 
 
 def _clear_staging(storage, committed: set[int]) -> None:

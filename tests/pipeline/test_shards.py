@@ -101,3 +101,43 @@ def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
     assert storage.list("_staging/") == []
     writes = len(storage.order)
     assert commit_staged(storage, 4, records) == stats and len(storage.order) == writes  # a retried task
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_object_and_leaves_no_partial_shard(tiny_disk):
+    import os
+
+    from dreamstereo.pipeline.io.shards import commit_staged, stage_sample
+    from dreamstereo.pipeline.io.storage import StorageError
+
+    storage = LocalStorage(tiny_disk.path / "out")
+    tiny_disk.fill(leave=700 * 1024)
+    records = []
+    for index, key in enumerate(("a-00000000-c000", "b-00000000-c000")):
+        part = stage_sample(storage, 4, key, {"bin": os.urandom(300 * 1024)})
+        records.append({"key": key, "source": f"{key[0]}.mp4", "input_index": index, "clip_index": 0,
+                        "status": "ok", "reason": None, "scores": {}, "part": part})
+    with pytest.raises(StorageError) as info:  # a third sample does not fit
+        stage_sample(storage, 4, "c-00000000-c000", {"bin": os.urandom(300 * 1024)})
+    assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'out' / '_staging' / '000004' / 'c-00000000-c000.tar')!r}: "
+                               f"No space left on device [ENOSPC]")
+    with pytest.raises(StorageError, match=r"cannot write '.*/out/shards/000004\.tar': No space left on device"):
+        commit_staged(storage, 4, records)  # the shard tar (600 KB) does not fit beside its staged samples
+    staged = ["out/_staging/000004/a-00000000-c000.tar", "out/_staging/000004/b-00000000-c000.tar"]
+    assert [n for n in tiny_disk.files() if not n.endswith(("/shards", "/_staging", "/000004", "out"))] == staged
+    tiny_disk.free()  # a rerun with room commits the same shard from the kept staging objects
+    stats = commit_staged(storage, 4, records)
+    assert stats["samples"] == 2 and committed_shards(storage) == {4} and storage.list("_staging/") == []
+    assert not [n for n in tiny_disk.files() if "/." in n]
+
+
+def test_a_read_only_disk_is_an_unwritable_storage_error_naming_the_object(tiny_disk):
+    from dreamstereo.pipeline.io.storage import UnwritableStorageError
+
+    storage = LocalStorage(tiny_disk.path / "out")
+    storage.write_bytes("kept.json", b"{}")
+    tiny_disk.read_only()
+    with pytest.raises(UnwritableStorageError) as info:
+        storage.write_bytes("shards/000000_stats.json", b"{}")
+    assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'out' / 'shards' / '000000_stats.json')!r}: "
+                               f"Read-only file system [EROFS]")
+    assert storage.read_bytes("kept.json") == b"{}" and storage.list() == ["kept.json"]

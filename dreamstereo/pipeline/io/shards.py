@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 from dreamstereo import __version__
+from dreamstereo.pipeline.io.storage import StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,12 @@ class ShardWriter:
 
     def commit(self, timings: dict[str, float] | None = None) -> dict:
         """Upload the tar and parquet, then the stats file (the commit marker); return the stats."""
+        try:
+            return self._commit(timings)
+        finally:
+            self._dir.cleanup()  # the local tar also goes when the upload fails
+
+    def _commit(self, timings: dict[str, float] | None) -> dict:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -128,8 +135,17 @@ class ShardWriter:
             "git_sha": git_sha(),
         }
         self.storage.write_bytes(shard_name(self.shard_id, "stats.json"), json.dumps(stats, indent=2).encode())
-        self._dir.cleanup()
         return stats
+
+
+def _discard_uncommitted(storage, shard_id: int) -> None:
+    """Delete the tar and parquet of a shard whose commit failed (no stats file: a rerun redoes it), so no
+    half-written shard stays and a full disk gets its space back; the staged samples stay for the rerun."""
+    for suffix in ("tar", "parquet"):
+        try:
+            storage.delete(shard_name(shard_id, suffix))
+        except (StorageError, OSError) as exc:  # the commit's own error is the one to report
+            logger.warning("shard %06d: could not remove its uncommitted %s: %s", shard_id, suffix, exc)
 
 
 def staging_name(shard_id: int, key: str) -> str:
@@ -164,11 +180,15 @@ def commit_staged(storage, shard_id: int, records: list[dict], timings: dict | N
         stats = json.loads(storage.read_bytes(marker))
     else:
         writer = ShardWriter(storage, shard_id, config_hash=config_hash)
-        for record in sorted(records, key=lambda r: (r["input_index"], r["clip_index"])):
-            record = dict(record)
-            part = record.pop("part", None)
-            writer.add(record, read_staged(storage, part, record["key"]) if part else None)
-        stats = writer.commit(timings)
+        try:
+            for record in sorted(records, key=lambda r: (r["input_index"], r["clip_index"])):
+                record = dict(record)
+                part = record.pop("part", None)
+                writer.add(record, read_staged(storage, part, record["key"]) if part else None)
+            stats = writer.commit(timings)
+        except StorageError:
+            _discard_uncommitted(storage, shard_id)
+            raise
     for name in storage.list(f"{STAGING_DIR}/{shard_id:06d}/"):
         storage.delete(name)
     return stats

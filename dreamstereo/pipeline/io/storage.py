@@ -31,13 +31,18 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dreamstereo.types import ErrorCode, SampleError
+from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
     """Storage that cannot be used: unreachable endpoint, missing bucket, denied access, a missing key."""
+
+
+class UnwritableStorageError(StorageError):
+    """The output refuses writes: a full disk, a quota, a read-only or forbidden folder. Retrying cannot
+    help, so a job stops at the first one (the message names the file and the cause)."""
 
 
 @dataclasses.dataclass
@@ -83,24 +88,43 @@ class LocalStorage:
             raise StorageError(f"output {self.uri!r} is not writable")
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        self._write(key, lambda tmp: tmp.write_bytes(data))
 
     def upload_file(self, key: str, local: str | Path) -> None:
+        self._write(key, lambda tmp: shutil.copyfile(local, tmp))
+
+    def _write(self, key: str, fill) -> None:
+        """Call ``fill(tmp)`` on a temporary sibling, then rename it to the key's path (all-or-nothing).
+
+        Raises:
+            StorageError: the write failed (its path and cause); :class:`UnwritableStorageError` when the
+                disk refuses it (full, read-only, quota, permission).
+        """
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            shutil.copyfile(local, tmp)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fill(tmp)
             os.replace(tmp, path)
+        except OSError as exc:
+            names = {Path(os.fsdecode(n)) for n in (exc.filename, exc.filename2) if n is not None}
+            if names and not names & {tmp, path, *path.parents}:
+                raise  # another file's error (e.g. the local file to upload is gone): not this write
+            error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
+            raise error(f"cannot write {str(path)!r}: {os_error_reason(exc)}") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            if tmp.exists():  # (unlink of a missing file on a read-only disk fails with EROFS)
+                tmp.unlink()
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete the temporary files of writes whose process was killed mid-write; return their paths.
+        Only while no other job writes to this folder (its writes in progress would be lost)."""
+        if not self.root.is_dir():
+            return []
+        found = sorted(str(p) for p in self.root.rglob(".*.tmp-*") if p.is_file())  # _write's temporary names
+        for name in found:
+            Path(name).unlink(missing_ok=True)
+        return found
 
     def read_bytes(self, key: str) -> bytes:
         try:
