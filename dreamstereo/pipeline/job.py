@@ -53,8 +53,10 @@ class ResourcesConfig:
     max_shard_retries: int = 2  # commit attempts per shard before it is reported as failed
     # Ray re-runs of a decode task, and restarts of an actor (with re-runs of its batches), after its
     # worker process died. Ray Data's defaults are unbounded (-1): one input that kills its worker was
-    # retried forever (168 restarts in 11 minutes). Recycling adds the restarts it needs on top.
-    worker_retries: int = 3
+    # retried forever (168 restarts in 11 minutes). Recycling adds the restarts it needs on top. Losing a
+    # node costs several: Ray counts every submission that finds the actor still restarting (measured: 4
+    # for one node lost mid-job on a 2-node cluster), so the default leaves room for a few such losses.
+    worker_retries: int = 10
 
     def __post_init__(self):
         if self.worker_retries < 0 or self.recycle_after < 0:
