@@ -49,10 +49,11 @@ def main() -> None:
         contained = time_ms(lambda: decode_contained(data, cfg), repeats=args.repeats)
         rows[name] = {"bytes": len(data), **{f"direct_{k}": round(v, 1) for k, v in direct.items()},
                       **{f"contained_{k}": round(v, 1) for k, v in contained.items()},
-                      "overhead_min_ms": round(contained["min_ms"] - direct["min_ms"], 1)}
+                      "overhead_min_ms": round(contained["min_ms"] - direct["min_ms"], 1),
+                      "ratio_min": round(contained["min_ms"] / direct["min_ms"], 3)}
         print(f"  {name:<36} direct min/median {direct['min_ms']:7.1f}/{direct['median_ms']:7.1f} ms   contained "
               f"{contained['min_ms']:7.1f}/{contained['median_ms']:7.1f} ms   overhead (min) "
-              f"{contained['min_ms'] - direct['min_ms']:+7.1f} ms")
+              f"{contained['min_ms'] - direct['min_ms']:+7.1f} ms = {contained['min_ms'] / direct['min_ms']:.2f}x")
     if not args.no_write:
         print(write_result("decode-isolation", {"machine": machine(), "load_average_1m": os.getloadavg()[0],
                                                 "repeats": args.repeats, "results": rows}))

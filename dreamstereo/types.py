@@ -135,3 +135,26 @@ def os_error_reason(exc: OSError) -> str:
     name = errno.errorcode.get(exc.errno or 0)
     text = exc.strerror or str(exc) or type(exc).__name__
     return f"{text} [{name}]" if name else text
+
+
+def original_error(exc: BaseException, wanted: type | tuple[type, ...]) -> BaseException | None:
+    """The first exception of a ``wanted`` class (one of ours) inside what Ray raised, or None (a bug).
+
+    Ray wraps what a task or worker raised: ``RayTaskError`` (whose ``cause`` is the original, and which
+    also subclasses the original's class, with a traceback for its message), ``__cause__`` chains, and
+    Ray Train's ``WorkerGroupError.worker_failures`` (rank -> exception). The original class is the one
+    defined in ``dreamstereo``, so its one-line message reaches the user.
+    """
+    todo, seen = [exc], set()
+    while todo:
+        error = todo.pop(0)
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, wanted) and type(error).__module__.startswith("dreamstereo"):
+            return error
+        failures = getattr(error, "worker_failures", None)
+        if isinstance(failures, dict):
+            todo.extend(failures[rank] for rank in sorted(failures))
+        todo.extend([getattr(error, "cause", None), error.__cause__, error.__context__])
+    return None

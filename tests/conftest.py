@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,22 @@ def tiny_depthcrafter(tmp_path_factory) -> tuple[str, str]:
     from dreamstereo.toy_models import save_depthcrafter
 
     return save_depthcrafter(tmp_path_factory.mktemp("depthcrafter"))
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail the test (instead of hanging CI) when the block runs past ``seconds`` (SIGALRM, main thread;
+    pytest-timeout is not installed). What used to hang (a FIFO, an endless retry) fails here instead."""
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 S3_SECRET = "SECRET-must-never-be-written-0123456789"

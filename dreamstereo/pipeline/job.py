@@ -28,7 +28,7 @@ from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed
 from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, StorageError, UnwritableStorageError,
                                              open_storage)
 from dreamstereo.stages.depth import DepthBackendName
-from dreamstereo.types import RETRYABLE_CODES
+from dreamstereo.types import RETRYABLE_CODES, original_error
 
 logger = logging.getLogger(__name__)
 
@@ -301,18 +301,9 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
 
 
 def storage_error(exc: BaseException) -> StorageError | None:
-    """The StorageError a Ray task raised, unwrapped from Ray's exceptions (``RayTaskError.cause`` and
-    ``__cause__`` chains); None when ``exc`` is something else (a bug)."""
-    todo, seen = [exc], set()
-    while todo:
-        error = todo.pop(0)
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, StorageError) and type(error).__module__ == StorageError.__module__:
-            return error  # the original class, not Ray's RayTaskError subclass of it (its str is a traceback)
-        todo.extend([getattr(error, "cause", None), error.__cause__, error.__context__])
-    return None
+    """The StorageError a Ray task raised, unwrapped from Ray's exceptions; None when ``exc`` is something
+    else (a bug)."""
+    return original_error(exc, StorageError)
 
 
 class _Progress:

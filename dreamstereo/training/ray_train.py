@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dreamstereo.config import to_plain
 from dreamstereo.training.config import TrainConfig
+from dreamstereo.types import original_error
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +61,11 @@ def driver_prompt_embedding(cfg: TrainConfig) -> tuple | None:
 
 
 def setup_error(exc: BaseException) -> Exception | None:
-    """The first setup error (bad input, with a one-line message) a worker raised, from Ray's wrappers
-    (``WorkerGroupError.worker_failures`` in Ray Train V2, ``__cause__`` chains and ``RayTaskError.cause``
-    otherwise); None when the failure is something else."""
-    from dreamstereo.training.train import RUN_ERRORS as wanted
+    """The first setup error (bad input, with a one-line message) a worker raised, unwrapped from Ray's
+    wrappers (Ray Train V2's ``WorkerGroupError`` among them); None when the failure is something else."""
+    from dreamstereo.training.train import RUN_ERRORS
 
-    todo, seen = [exc], set()
-    while todo:
-        error = todo.pop(0)
-        if error is None or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, wanted) and type(error).__module__.startswith("dreamstereo"):
-            return error  # the original class, not Ray's RayTaskError subclass of it (its str is a traceback)
-        failures = getattr(error, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo.extend(failures[rank] for rank in sorted(failures))
-        todo.extend([getattr(error, "cause", None), error.__cause__, error.__context__])
-    return None
+    return original_error(exc, RUN_ERRORS)
 
 
 def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None) -> dict:

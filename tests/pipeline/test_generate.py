@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import signal
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,6 +15,7 @@ from dreamstereo.pipeline.io.shards import shard_name
 from dreamstereo.pipeline.io.storage import LocalStorage, S3Config, S3Storage
 from dreamstereo.sample import read_sample
 from dreamstereo.scenes import demo_scene, write_scene
+from tests.conftest import deadline
 
 pytestmark = pytest.mark.slow
 
@@ -248,21 +247,6 @@ def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
     assert len({r["worker"] for r in plain_rows}) == 1  # the same pool without recycling: one process
 
 
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fail (instead of hanging CI) when the block runs longer than ``seconds``."""
-    def expired(*_):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def test_hostile_inputs_and_sidecars_are_recorded_and_the_job_goes_on(capsys, ray_local, corpus, tmp_path):
     """One manifest with everything a web corpus throws at the job: damaged, odd and oversized sidecars,
     a FIFO, a device, a folder, rows that name no file. Every input is one recorded row with its reason,
@@ -295,7 +279,7 @@ def test_hostile_inputs_and_sidecars_are_recorded_and_the_job_goes_on(capsys, ra
     out = tmp_path / "out"
     args = ["generate", "--input", str(tmp_path / "inputs.csv"), "--output", str(out), *SMALL[:-1], "shard_size=4",
             "process.decode.max_clips=1"]
-    with _deadline(240):
+    with deadline(240):
         code, captured = _run(capsys, *args)
     assert code == 0, captured.err
     manifest, samples, parquet = _read_all(LocalStorage(out))

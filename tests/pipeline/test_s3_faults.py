@@ -5,33 +5,16 @@ StorageError within a bounded time."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import signal
 import time
 
 import pytest
 
 from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError
-from tests.conftest import S3_SECRET
+from tests.conftest import S3_SECRET, deadline
 from tests.faultproxy import KINDS, FaultProxy, Schedule
 from tests.pipeline.test_generate import SMALL, _run, corpus, ray_local, ray_s3  # noqa: F401 (fixtures)
-
-
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    """Fail the test (instead of hanging CI) when it runs past ``seconds``."""
-    def expired(*_):
-        raise TimeoutError(f"test ran past its {seconds} s bound")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _faulty(proxy: FaultProxy, **overrides) -> S3Config:
@@ -53,7 +36,7 @@ def test_storage_round_trips_exactly_through_faults(kind, s3_bucket, s3_env, tmp
     big = tmp_path / "big.tar"
     big.write_bytes(os.urandom(6 * 1024 * 1024 + 123))  # over multipart_threshold_mb=5: two parts
     small = {f"sub/{i}.bin": os.urandom(50_000 + i) for i in range(4)}
-    with _deadline(120), FaultProxy(s3_env, schedule, seed=7) as proxy:
+    with deadline(120), FaultProxy(s3_env, schedule, seed=7) as proxy:
         storage = S3Storage(f"s3://{s3_bucket}/run", _faulty(proxy))
         for key, data in small.items():
             storage.write_bytes(key, data)
@@ -86,7 +69,7 @@ def test_storage_round_trips_exactly_through_faults(kind, s3_bucket, s3_env, tmp
 def test_a_permanently_failing_endpoint_ends_in_one_storage_error(kind, s3_bucket, s3_env, caplog, quiet_moto):
     caplog.set_level(logging.WARNING, logger="dreamstereo")
     S3Storage(f"s3://{s3_bucket}", S3Config(endpoint_url=s3_env)).write_bytes("obj.bin", b"x" * 100_000)
-    with _deadline(60), FaultProxy(s3_env, always=kind) as proxy:
+    with deadline(60), FaultProxy(s3_env, always=kind) as proxy:
         storage = S3Storage(f"s3://{s3_bucket}", _faulty(proxy, max_attempts=3))
         start = time.monotonic()
         with pytest.raises(StorageError, match=f"s3://{s3_bucket}/obj.bin: ") as info:
@@ -107,7 +90,7 @@ def test_an_error_answer_cut_short_is_retried(kind, s3_bucket, s3_env, quiet_mot
     """GetObject of a missing key whose 404 answer drops mid-body: botocore reads an error body of a streaming
     operation outside its retry loop (urllib3's error escapes unwrapped); the read is retried and ends in the
     StorageError of the real answer."""
-    with _deadline(60), FaultProxy(s3_env, Schedule(**{kind: 1.0}, max_faults=2)) as proxy:
+    with deadline(60), FaultProxy(s3_env, Schedule(**{kind: 1.0}, max_faults=2)) as proxy:
         storage = S3Storage(f"s3://{s3_bucket}", _faulty(proxy))
         with pytest.raises(StorageError, match=f"s3://{s3_bucket}/missing.bin: get_object failed \\(NoSuchKey"):
             storage.read_bytes("missing.bin")
@@ -120,7 +103,7 @@ def test_a_resumed_read_never_splices_a_replaced_object(s3_bucket, s3_env, quiet
     bytes followed by new ones."""
     clean = S3Storage(f"s3://{s3_bucket}", S3Config(endpoint_url=s3_env))
     clean.write_bytes("obj.bin", b"old!" * 25_000)
-    with _deadline(60), FaultProxy(s3_env, Schedule(reset_response=1.0, max_faults=1)) as proxy:
+    with deadline(60), FaultProxy(s3_env, Schedule(reset_response=1.0, max_faults=1)) as proxy:
         stream = S3Storage(f"s3://{s3_bucket}", _faulty(proxy)).open_read("obj.bin")  # its body will drop
         clean.write_bytes("obj.bin", b"new!" * 25_000)
         with pytest.raises(StorageError, match=f"s3://{s3_bucket}/obj.bin: get_object failed \\(PreconditionFailed"):
@@ -141,7 +124,7 @@ def test_training_reader_gets_every_sample_once_through_faults(s3_bucket, s3_env
     keys = write_shards(None, shards=2, per_shard=3, frames=5, storage=S3Storage(f"s3://{s3_bucket}/raw", clean))
     urls = resolve_shards(f"s3://{s3_bucket}/raw", clean)
     expected = {url: [{k: v for k, v in s.items()} for s in iter_raw_samples(url, clean)] for url in urls}
-    with _deadline(120), FaultProxy(s3_env, Schedule(reset_response=0.4, stall=0.2, slowdown=0.1), seed=3) as proxy:
+    with deadline(120), FaultProxy(s3_env, Schedule(reset_response=0.4, stall=0.2, slowdown=0.1), seed=3) as proxy:
         faulty = _faulty(proxy)
         got = {url: list(iter_raw_samples(url, faulty)) for url in urls}
         register_webdataset_s3(faulty)
@@ -205,7 +188,7 @@ def test_generate_through_faults_equals_a_clean_run(ray_s3, corpus, capsys, s3_b
     schedule = Schedule(slowdown=0.1, internal=0.08, reset_request=0.08, reset_response=0.12, delay=0.05,
                         stall=0.05, stall_s=3.0, max_faults=2)  # about 1 request in 2 (of ~35) meets a fault
     started = time.monotonic()
-    with _deadline(300), FaultProxy(s3_env, schedule, seed=11) as proxy:
+    with deadline(300), FaultProxy(s3_env, schedule, seed=11) as proxy:
         manifest, shards, rows, keys = generate(f"s3://{s3_bucket}/faulty", proxy.url, "s3.max_attempts=6",
                                                 "s3.read_timeout_s=2", "s3.connect_timeout_s=2")
     print(f"faulty run: {time.monotonic() - started:.1f} s; {proxy.requests} requests, faults {dict(proxy.faults)}")

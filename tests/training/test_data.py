@@ -160,23 +160,13 @@ def test_a_damaged_shard_is_skipped_with_a_warning_and_counted(raw_shards, tmp_p
 
 def test_every_clip_shorter_than_num_frames_fails_fast(raw_shards):
     """9-frame clips with data.num_frames=13: one pass over the shards, then a clear error (it looped forever)."""
-    import signal
-
     from dreamstereo.training.data import TrainDataError
-
-    def stuck(*_):
-        raise AssertionError("still looking for a long enough clip after 60 s")
+    from tests.conftest import deadline
 
     urls = resolve_shards(raw_shards[0])
-    previous = signal.signal(signal.SIGALRM, stuck)
-    signal.alarm(60)
-    try:
-        with pytest.raises(TrainDataError, match=r"no clip in a whole pass over its 4 shard\(s\) has "
-                                                 r"data.num_frames=13 frames .*lower data.num_frames"):
-            next(ShardStream(urls, _cfg(num_frames=13), batch_size=2, seed=0, stream_id=0).batches())
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    with deadline(60), pytest.raises(TrainDataError, match=r"no clip in a whole pass over its 4 shard\(s\) has "
+                                                           r"data.num_frames=13 frames .*lower data.num_frames"):
+        next(ShardStream(urls, _cfg(num_frames=13), batch_size=2, seed=0, stream_id=0).batches())
 
 
 def test_shards_that_are_all_damaged_say_so(tmp_path):

@@ -85,7 +85,7 @@ class ShardWriter:
             raise ValueError(f"record status must be one of {STATUSES}, got {record.get('status')!r}")
         if members is not None:
             if self._tar is None:
-                self._tar = wds.TarWriter(str(self._tar_path))
+                self._tar = wds.TarWriter(str(self._tar_path), mtime=0)  # no wall clock: same samples, same bytes
             self._tar.write({"__key__": record["key"], **members})
             self.samples += 1
         self.records.append(record)
@@ -104,7 +104,7 @@ class ShardWriter:
         if self._tar is None:  # an empty shard still gets a (valid, empty) tar
             import webdataset as wds
 
-            self._tar = wds.TarWriter(str(self._tar_path))
+            self._tar = wds.TarWriter(str(self._tar_path), mtime=0)  # no wall clock: same samples, same bytes
         self._tar.close()
         tar_bytes = self._tar_path.stat().st_size
         digest = hashlib.sha256()
