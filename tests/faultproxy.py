@@ -49,10 +49,14 @@ class Schedule:
 
 
 def _identity(method: str, target: str, headers: dict[str, str]) -> str:
-    """What makes two requests "the same" for the schedule: method, path, query (sorted) and byte range."""
+    """What makes two requests "the same" for the schedule: method, path, query (sorted) and byte range.
+
+    The bucket (random per test) and multipart upload ids (random per upload) are left out, so a seed gives
+    the same faults on every run."""
     parts = urlsplit(target)
-    query = sorted(parse_qsl(parts.query, keep_blank_values=True))
-    return f"{method} {parts.path} {query} {headers.get('range', '')}"
+    query = sorted((k, "" if k == "uploadId" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    key = parts.path.lstrip("/").partition("/")[2]  # path-style addressing: /bucket/key
+    return f"{method} /{key} {query} {headers.get('range', '')}"
 
 
 class FaultProxy:

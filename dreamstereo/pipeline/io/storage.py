@@ -303,6 +303,11 @@ class _ResumingBody(io.RawIOBase):
             self._etag, self._size = response.get("ETag"), int(response["ContentLength"])
         self._body = response["Body"]
 
+    @property
+    def size(self) -> int:
+        """The object's length in bytes (from the first answer's headers)."""
+        return self._size
+
     def readable(self) -> bool:
         return True
 
@@ -463,10 +468,10 @@ def read_uri(uri: str, s3: S3Config | None = None, *, max_bytes: int | None = No
     check_input_uri(uri)
     if uri.startswith("s3://"):
         bucket, _, key = uri[len("s3://"):].partition("/")
-        storage = S3Storage(f"s3://{bucket}", s3)
-        if max_bytes is not None and (size := storage.size(key)) > max_bytes:
-            raise _too_large(uri, size, max_bytes)
-        return storage.read_bytes(key)
+        with S3Storage(f"s3://{bucket}", s3).open_read(key) as body:  # one GET: the size from its headers
+            if max_bytes is not None and body.size > max_bytes:
+                raise _too_large(uri, body.size, max_bytes)
+            return body.read()
     try:
         fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO opens without a writer
     except OSError as exc:
