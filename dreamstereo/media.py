@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from dreamstereo.arrays import ArrayFile, ArrayFileError
-from dreamstereo.stages.decode import TIME_TOLERANCE_S, decodable_end_s
+from dreamstereo.stages.decode import decodable_end_s, decodable_timestamps
 from dreamstereo.types import UNWRITABLE_ERRNOS, os_error_reason
 
 logger = logging.getLogger(__name__)
@@ -343,8 +343,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     finally:
         container.close()
     with open(path, "rb") as fh:
-        end = decodable_end_s(fh)
-    frames = len(times) if end is None else int(np.searchsorted(times, end + TIME_TOLERANCE_S, side="right"))
+        frames = len(decodable_timestamps(times, decodable_end_s(fh)))
     return VideoInfo(frames=frames or listed, fps=fps, width=int(width), height=int(height))
 
 

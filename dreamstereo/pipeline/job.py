@@ -25,7 +25,7 @@ from dreamstereo.config import ProcessConfig, config_hash, to_yaml
 from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
 from dreamstereo.pipeline.io.manifest import InputConfig, check_input_access, read_inputs, split_shards
 from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed_shards, shard_name
-from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, StorageError, UnwritableStorageError,
+from dreamstereo.pipeline.io.storage import (S3Config, StorageError, UnwritableStorageError,
                                              open_storage)
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES, original_error
@@ -359,11 +359,9 @@ def commit_shard(output: str, s3: S3Config, shard: int, records: list[dict], tim
 
 
 def _remove_temp_files(storage) -> None:
-    """Delete temporary files that writers killed mid-write left in a local output (S3 has none: an object
-    appears only when its upload completes)."""
-    if isinstance(storage, LocalStorage):
-        for name in storage.remove_temp_files():
-            logger.info("removed %s (a write that did not finish)", name)
+    """Delete (and log) temporary files that writers killed mid-write left in the output."""
+    for name in storage.remove_temp_files():
+        logger.info("removed %s (a write that did not finish)", name)
 
 
 def _clear_staging(storage, committed: set[int]) -> None:

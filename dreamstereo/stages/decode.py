@@ -224,7 +224,7 @@ def decode_clips(data: bytes, cfg: DecodeConfig) -> tuple[VideoProbe, list[Clip]
     return probe, [Clip(frames, tuple(int(i) for i in indices), fps, bucket) for indices, frames in zip(clips, decoded)]
 
 
-TIME_TOLERANCE_S = 1e-3  # decord's timestamps are float32 seconds; real frames are never 1 ms apart
+_TIME_TOLERANCE_S = 1e-3  # decord's timestamps are float32 seconds; real frames are never 1 ms apart
 
 
 def decodable_end_s(data: bytes | typing.BinaryIO) -> float | None:
@@ -256,11 +256,11 @@ def decodable_end_s(data: bytes | typing.BinaryIO) -> float | None:
     return None if last is None else last * time_base
 
 
-def _decodable(timestamps: np.ndarray, end_s: float | None) -> np.ndarray:
+def decodable_timestamps(timestamps: np.ndarray, end_s: float | None) -> np.ndarray:
     """The leading timestamps up to the last decodable frame (all of them when that is unknown)."""
     if end_s is None:
         return timestamps
-    return timestamps[: int(np.searchsorted(timestamps, end_s + TIME_TOLERANCE_S, side="right"))]
+    return timestamps[: int(np.searchsorted(timestamps, end_s + _TIME_TOLERANCE_S, side="right"))]
 
 
 class _DecordCannot(Exception):
@@ -276,7 +276,7 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrin
         logger.debug("decord cannot open the stream (%s); decoding with PyAV", str(exc)[:100])
         raise _DecordCannot from None
     try:
-        timestamps = _decodable(reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64), end_s)
+        timestamps = decodable_timestamps(reader.get_frame_timestamp(range(len(reader)))[:, 0].astype(np.float64), end_s)
         clips, fps = plan_clips(timestamps, float(reader.get_avg_fps()) or probe.fps, cfg)
         return clips, fps, [shrink(reader.get_batch(indices).asnumpy()) for indices in clips], len(timestamps)
     except SampleError:
@@ -294,7 +294,7 @@ def _decode_with_pyav(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrink,
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
             pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
-            timestamps = _decodable(np.asarray(pts, np.float64) * float(stream.time_base), end_s)
+            timestamps = decodable_timestamps(np.asarray(pts, np.float64) * float(stream.time_base), end_s)
         pts = pts[:len(timestamps)]
         position = {p: k for k, p in enumerate(pts)}
         clips, fps = plan_clips(timestamps, probe.fps, cfg)

@@ -203,6 +203,10 @@ class S3Storage:
         with self.open_read(key) as body:
             return body.read()
 
+    def remove_temp_files(self) -> list[str]:
+        """Nothing to remove: an S3 object appears only when its upload completes (see LocalStorage's)."""
+        return []
+
     def open_read(self, key: str) -> "_ResumingBody":
         """A read-only binary stream of the object that survives dropped connections (see the module doc).
 
