@@ -48,7 +48,7 @@ from common import machine, write_result  # noqa: E402
 
 from dreamstereo.inference.sasi import SasiConfig, SparseWanTransformer, token_grid, token_mask  # noqa: E402
 from dreamstereo.scenes import demo_scene  # noqa: E402
-from dreamstereo.stages.gapw import double_project, training_direction  # noqa: E402
+from dreamstereo.stages.warp import double_project, training_direction  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MIDDLEBURY = Path(os.environ.get("DREAMSTEREO_SHARED_DATA", REPO.parent / "shared" / "data")) / "middlebury-2005-2006"

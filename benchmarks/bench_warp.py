@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_ms, write_result  # noqa: E402
 
 from dreamstereo.scenes import demo_scene  # noqa: E402
-from dreamstereo.stages.gapw import double_project  # noqa: E402
+from dreamstereo.stages.warp import double_project  # noqa: E402
 from dreamstereo.types import WarpMethod  # noqa: E402
 
 BASELINE = WarpMethod.SOFT_SPLAT

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dreamstereo.stages.decode import DecodeConfig
 from dreamstereo.stages.depth import DepthConfig
 from dreamstereo.stages.disparity import DisparityConfig
-from dreamstereo.stages.gapw import WarpConfig  # noqa: F401  (re-exported: part of every schema)
+from dreamstereo.stages.warp import WarpConfig  # noqa: F401  (re-exported: part of every schema)
 from dreamstereo.stages.pairs import PairConfig
 from dreamstereo.stages.quality import QualityConfig
 from dreamstereo.types import Direction, WarpMethod

@@ -20,7 +20,7 @@ from dreamstereo import __version__, media, preview
 from dreamstereo.config import DemoConfig, PbdpConfig, VideoOutput, config_hash, to_yaml
 from dreamstereo.stages import metrics
 from dreamstereo.stages.depth import DepthBackendName
-from dreamstereo.stages.gapw import double_project, training_direction
+from dreamstereo.stages.warp import double_project, training_direction
 from dreamstereo.types import DoubleProjection
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 
 from dreamstereo import media
 from dreamstereo.stages import metrics
-from dreamstereo.stages.gapw import double_project
+from dreamstereo.stages.warp import double_project
 from dreamstereo.types import Direction, WarpMethod
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from dreamstereo import media
 from dreamstereo.cli import main
 from dreamstereo.scenes import demo_scene, step_scene, write_scene
-from dreamstereo.stages.gapw import double_project
+from dreamstereo.stages.warp import double_project
 
 
 def _run(capsys, *argv):

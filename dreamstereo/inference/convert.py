@@ -28,7 +28,7 @@ from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
 from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
 from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity
-from dreamstereo.stages.gapw import WarpConfig, warp
+from dreamstereo.stages.warp import WarpConfig, warp
 from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
 from dreamstereo.types import Direction, ErrorCode, SampleError
 

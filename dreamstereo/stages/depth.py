@@ -20,14 +20,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from dreamstereo.arrays import ArrayFile, ArrayFileError
+from dreamstereo.stages.weights import DepthWeightsError, load_pretrained  # noqa: F401 (DepthWeightsError: public here)
 from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
@@ -82,10 +81,6 @@ class DepthConfig:
 
     def resolved_weights(self) -> str | None:
         return self.weights or DEFAULT_WEIGHTS.get(self.backend)
-
-
-class DepthWeightsError(RuntimeError):
-    """Model weights that cannot be loaded: not a local folder, and not downloadable from here."""
 
 
 def resize_maps(maps: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
@@ -205,45 +200,14 @@ def align_scale_shift(disparity: np.ndarray, samples: int = 20000) -> np.ndarray
     return out.reshape(disparity.shape).astype(np.float32)
 
 
-def _load_pretrained(loader, weights: str, what: str, *, subfolder: str | None = None,
-                     option: str = "depth.weights"):
-    """``loader.from_pretrained``: a local folder, else the hub cache, else a download (unless
-    ``HF_HUB_OFFLINE`` is set); a :class:`DepthWeightsError` saying how to provide the weights otherwise.
-
-    ``subfolder`` selects a component of a multi-model repository or folder (e.g. ``vae``); ``option``
-    is the config key named in the error message.
-    """
-    local = Path(weights).expanduser()
-    try:
-        if local.exists():
-            return loader.from_pretrained(str(local / subfolder) if subfolder else str(local))
-        extra = {"subfolder": subfolder} if subfolder else {}
-        try:
-            return loader.from_pretrained(weights, local_files_only=True, **extra)  # cached: no network
-        except OSError:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-                raise
-            return loader.from_pretrained(weights, **extra)
-    except (OSError, ValueError) as exc:
-        name = Path(weights).name
-        if local.exists():
-            raise DepthWeightsError(f"{what} weights: the local folder {str(local / (subfolder or ''))!r} does not "
-                                    f"hold a loadable model ({str(exc).splitlines()[0][:160]})") from None
-        raise DepthWeightsError(
-            f"{what} weights {weights!r}{f' ({subfolder}/)' if subfolder else ''} are not a local folder and "
-            f"could not be fetched from the hub ({str(exc).splitlines()[0][:160]}). Download them where you "
-            f"have internet, e.g. `huggingface-cli download {weights} --local-dir /models/{name}`, then pass "
-            f"{option}=/models/{name}") from None
-
-
 class DepthAnythingV2:
     """Depth Anything V2 (transformers ``AutoModelForDepthEstimation``), per frame + per-clip alignment."""
 
     def __init__(self, weights: str, *, device: str | torch.device = "cpu", input_size: int = 518,
                  batch_size: int = 8):
-        from transformers import AutoModelForDepthEstimation
+        from transformers import AutoModelForDepthEstimation  # local: transformers takes seconds to import
 
-        self.model = _load_pretrained(AutoModelForDepthEstimation, weights, "depth-anything-v2")
+        self.model = load_pretrained(AutoModelForDepthEstimation, weights, "depth-anything-v2")
         self.model.to(device).eval()
         self.device, self.input_size, self.batch_size = torch.device(device), input_size, batch_size
         self.weights = weights
@@ -286,7 +250,7 @@ def load_backend(cfg: DepthConfig, device: str | torch.device = "cpu"):
         return DepthAnythingV2(cfg.resolved_weights(), device=device, input_size=cfg.input_size,
                                batch_size=cfg.batch_size)
     if cfg.backend is DepthBackendName.DEPTHCRAFTER:
-        from dreamstereo.stages.depthcrafter import DepthCrafter
+        from dreamstereo.stages.depthcrafter import DepthCrafter  # local: diffusers takes seconds to import
 
         return DepthCrafter(cfg.resolved_weights(), cfg.base_weights, device=device, steps=cfg.steps,
                             window=cfg.window, overlap=cfg.overlap, max_resolution=cfg.max_resolution,

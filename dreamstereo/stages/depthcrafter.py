@@ -24,7 +24,7 @@ import logging
 import numpy as np
 import torch
 
-from dreamstereo.stages.depth import _load_pretrained
+from dreamstereo.stages.weights import load_pretrained
 from dreamstereo.types import ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ class DepthCrafter:
 
         if not 0 <= overlap < window:
             raise ValueError(f"depthcrafter: need 0 <= overlap < window, got overlap={overlap}, window={window}")
-        self.unet = _load_pretrained(UNetSpatioTemporalConditionModel, weights, "depthcrafter UNet")
+        self.unet = load_pretrained(UNetSpatioTemporalConditionModel, weights, "depthcrafter UNet")
         components = {}
         for name, loader in (("vae", AutoencoderKLTemporalDecoder), ("image_encoder", CLIPVisionModelWithProjection),
                              ("scheduler", EulerDiscreteScheduler)):
-            components[name] = _load_pretrained(loader, base_weights, "depthcrafter (SVD base)", subfolder=name,
+            components[name] = load_pretrained(loader, base_weights, "depthcrafter (SVD base)", subfolder=name,
                                                 option="depth.base_weights")
         self.vae, self.image_encoder, self.scheduler = (components[k] for k in ("vae", "image_encoder", "scheduler"))
         self.device = torch.device(device)

@@ -28,23 +28,18 @@ background-side source (the end of the step with the smaller disparity), so the 
 stays a sensible input to the return warp. A stretched step is part of the continuous map: it hides
 what lands behind it (docs/method.md discusses thin near objects).
 
-Why training pairs take the round trip through the view OPPOSITE to the synthesized eye: at inference
-we synthesize a right view from a left one, and its holes lie on the right side of foreground objects.
-The mask ``mask1`` of a round trip marks the view-1 pixels hidden in view 2; through a view on the
-right those lie to the LEFT of foreground edges (mirrored), through a view on the left they lie to the
-RIGHT, with the same sidedness as the inference holes. ``training_direction`` encodes that rule and
-the pair generator uses it as its default.
+The public entry points (one call for every warper, PBDP, ``WarpConfig``) are in ``stages/warp.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 
 import torch
 
-from dreamstereo.types import Direction, DoubleProjection, WarpMethod, WarpResult
+from dreamstereo.stages.warp_args import as_direction, check_warp_inputs
+from dreamstereo.types import Direction, WarpResult
 
 logger = logging.getLogger(__name__)
 
@@ -52,85 +47,7 @@ logger = logging.getLogger(__name__)
 # they raise recall by up to 1 point and cut fly-points by half or more at equal or better IoU.
 DEFAULT_DELTA = 2.0  # stretch (target px per source px) above which a step is a hole
 DEFAULT_HOLE_MARGIN = 0.25  # px of a stretched step still shown by each end pixel
-_FLOAT_DTYPES = (torch.float32, torch.float64)
 _CHUNK_PIXELS = 1 << 16  # pixels per block on CPU; see _row_chunks
-
-
-@dataclasses.dataclass
-class WarpConfig:
-    """How views are warped (GAPW or a forward-splat baseline)."""
-
-    method: WarpMethod = WarpMethod.GAPW  # gapw | soft_splat | zbuffer_splat
-    delta: float = DEFAULT_DELTA  # GAPW: a source step stretched beyond this many target px is a hole
-    hole_margin: float = DEFAULT_HOLE_MARGIN  # GAPW: px of a stretched step still shown by each end pixel
-
-    def __post_init__(self):
-        if self.delta < 1.0:
-            raise ValueError(f"warp.delta must be >= 1, got {self.delta}")
-        if not 0.0 <= self.hole_margin < self.delta / 2:
-            raise ValueError(f"warp.hole_margin must be in [0, warp.delta / 2), got {self.hole_margin}")
-
-    def options(self) -> dict:
-        """Keyword arguments for :func:`double_project` / :func:`warp`."""
-        return {"method": self.method, "delta": self.delta, "hole_margin": self.hole_margin}
-
-
-def as_direction(direction: Direction | str) -> Direction:
-    """Parse ``direction`` ("right" / "left" or a :class:`Direction`); raise ValueError otherwise."""
-    if isinstance(direction, Direction):
-        return direction
-    try:
-        return Direction(direction)
-    except ValueError:
-        allowed = [d.value for d in Direction]
-        raise ValueError(f"`direction={direction!r}` must be one of {allowed}") from None
-
-
-def training_direction(synthesized_eye: Direction | str = Direction.RIGHT) -> Direction:
-    """Round-trip direction for training pairs: the view opposite to the eye inference synthesizes.
-
-    See the module docstring: a round trip through the opposite view gives holes with the same
-    sidedness as the holes of the synthesized eye.
-    """
-    return as_direction(synthesized_eye).opposite
-
-
-def check_warp_inputs(
-    frames: torch.Tensor,
-    disparity: torch.Tensor,
-    source_valid: torch.Tensor | None = None,
-) -> None:
-    """Validate the arguments of a warp; raise ValueError naming the argument and the problem."""
-    if not isinstance(frames, torch.Tensor):
-        raise ValueError(f"`frames` must be a torch.Tensor, got {type(frames).__name__}")
-    if not isinstance(disparity, torch.Tensor):
-        raise ValueError(f"`disparity` must be a torch.Tensor, got {type(disparity).__name__}")
-    if frames.ndim != 4 or frames.shape[1] != 3:
-        raise ValueError(f"`frames` must have shape (T, 3, H, W), got {tuple(frames.shape)}")
-    if disparity.ndim != 3:
-        raise ValueError(f"`disparity` must have shape (T, H, W), got {tuple(disparity.shape)}")
-    if frames.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"`frames` must be float32 or float64 in [0, 1], got dtype {frames.dtype}")
-    if disparity.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"`disparity` must be float32 or float64 pixels, got dtype {disparity.dtype}")
-    t, _, h, w = frames.shape
-    if (t, h, w) != tuple(disparity.shape):
-        raise ValueError(
-            f"`disparity` shape {tuple(disparity.shape)} does not match `frames` (T, H, W) = {(t, h, w)}"
-        )
-    if t == 0 or h == 0 or w < 2:
-        raise ValueError(f"`frames` is empty or too narrow: shape {tuple(frames.shape)} (need T, H >= 1, W >= 2)")
-    if disparity.device != frames.device:
-        raise ValueError(f"`disparity` is on {disparity.device} but `frames` on {frames.device}")
-    if not bool(torch.isfinite(disparity.sum())) and not bool(torch.isfinite(disparity).all()):
-        bad = int((~torch.isfinite(disparity)).sum())
-        raise ValueError(f"`disparity` has {bad} NaN/inf values; fill or mask them before warping")
-    if source_valid is not None:
-        if source_valid.dtype != torch.bool or tuple(source_valid.shape) != (t, h, w):
-            raise ValueError(
-                f"`source_valid` must be a bool tensor of shape {(t, h, w)}, "
-                f"got {source_valid.dtype} {tuple(source_valid.shape)}"
-            )
 
 
 def _locate_right(
@@ -238,12 +155,12 @@ def gapw_warp(
     Raises:
         ValueError: on bad shapes, dtypes, empty tensors, non-finite disparity or a bad direction.
     """
-    view, disparity2, disocclusion, border = _gapw(frames, disparity, direction, delta, hole_margin, source_valid)
+    view, disparity2, disocclusion, border = gapw_parts(frames, disparity, direction, delta, hole_margin, source_valid)
     return WarpResult(view, disparity2, disocclusion | border)
 
 
 @torch.no_grad()
-def _gapw(frames, disparity, direction, delta, hole_margin, source_valid):
+def gapw_parts(frames, disparity, direction, delta, hole_margin, source_valid):
     """:func:`gapw_warp` with the disocclusion and border parts of the mask kept apart.
 
     Not differentiable: the source of each target is an integer choice (data generation and masks
@@ -278,79 +195,3 @@ def _gapw(frames, disparity, direction, delta, hole_margin, source_valid):
             plane = frames[f, ch, r]
             torch.lerp(plane.gather(-1, src_a), plane.gather(-1, src_b), frac, out=view[f, ch, r])
     return view, disparity2, disocclusion, border
-
-
-def warp(
-    frames: torch.Tensor,
-    disparity: torch.Tensor,
-    direction: Direction | str = Direction.RIGHT,
-    *,
-    method: WarpMethod | str = WarpMethod.GAPW,
-    delta: float = DEFAULT_DELTA,
-    hole_margin: float = DEFAULT_HOLE_MARGIN,
-    source_valid: torch.Tensor | None = None,
-) -> WarpResult:
-    """Warp with the chosen method (GAPW or a forward-splat baseline); same arguments as :func:`gapw_warp`.
-
-    ``delta`` and ``hole_margin`` only apply to GAPW; the splats have their own fixed rules.
-    """
-    from dreamstereo.stages import splat  # baselines live apart from the method
-
-    method = as_method(method)
-    if method is WarpMethod.GAPW:
-        return gapw_warp(
-            frames, disparity, direction, delta=delta, hole_margin=hole_margin, source_valid=source_valid
-        )
-    if method is WarpMethod.SOFT_SPLAT:
-        return splat.soft_splat_warp(frames, disparity, direction, source_valid=source_valid)
-    return splat.zbuffer_splat_warp(frames, disparity, direction, source_valid=source_valid)
-
-
-def as_method(method: WarpMethod | str) -> WarpMethod:
-    """Parse a warp method name; raise ValueError listing the allowed ones."""
-    if isinstance(method, WarpMethod):
-        return method
-    try:
-        return WarpMethod(method)
-    except ValueError:
-        raise ValueError(f"`method={method!r}` must be one of {[m.value for m in WarpMethod]}") from None
-
-
-def double_project(
-    frames: torch.Tensor,
-    disparity: torch.Tensor,
-    direction: Direction | str = Direction.RIGHT,
-    *,
-    method: WarpMethod | str = WarpMethod.GAPW,
-    delta: float = DEFAULT_DELTA,
-    hole_margin: float = DEFAULT_HOLE_MARGIN,
-) -> DoubleProjection:
-    """PBDP: warp view 1 to view 2, then back to view 1 with the disparity of view 2.
-
-    ``(V2, D2, M2) = warp(V1, D1, direction)`` and ``(V1', M1) = warp(V2, D2, opposite)``, where the
-    return warp treats the holes of view 2 as invalid sources, so ``M1`` marks the pixels of view 1
-    that view 2 cannot see. For training pairs pass ``training_direction(...)`` (the view opposite
-    to the synthesized eye; module docstring).
-
-    Args:
-        frames: ``(T, 3, H, W)`` float32/float64 in [0, 1], view 1.
-        disparity: ``(T, H, W)`` float, pixels of view 1, larger = nearer.
-        direction: where view 2 lies, ``"right"`` or ``"left"``.
-        method: ``"gapw"`` (default), ``"soft_splat"`` or ``"zbuffer_splat"``.
-        delta, hole_margin: GAPW hole rule, see :func:`gapw_warp`.
-
-    Returns:
-        DoubleProjection with ``view2, disparity2, mask2, view1, mask1``.
-    """
-    direction = as_direction(direction)
-    opts = dict(method=method, delta=delta, hole_margin=hole_margin)
-    if as_method(method) is WarpMethod.GAPW:
-        # Border holes show the edge pixel, which is what view 2 would see there; only disocclusions
-        # are invalid sources for the return warp (a view-1 pixel near the far border stays visible).
-        view2, disparity2, disocclusion, border = _gapw(frames, disparity, direction, delta, hole_margin, None)
-        mask2, invalid = disocclusion | border, disocclusion
-    else:
-        view2, disparity2, mask2 = warp(frames, disparity, direction, **opts)
-        invalid = mask2
-    view1, _, mask1 = warp(view2, disparity2, direction.opposite, source_valid=~invalid, **opts)
-    return DoubleProjection(view2=view2, disparity2=disparity2, mask2=mask2, view1=view1, mask1=mask1)

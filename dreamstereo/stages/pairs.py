@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dreamstereo.stages.disparity import rng_for
-from dreamstereo.stages.gapw import WarpConfig, double_project, training_direction
+from dreamstereo.stages.warp import WarpConfig, double_project, training_direction
 from dreamstereo.types import Direction
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dreamstereo.stages.gapw import as_direction, check_warp_inputs
+from dreamstereo.stages.warp_args import as_direction, check_warp_inputs
 from dreamstereo.types import Direction, WarpResult
 
 SOFT_SPLAT_WEIGHT_BASE = 1.414  # StereoCrafter's depth weight base: w = 1.414 ** (d - d_min)

@@ -16,7 +16,7 @@ from dreamstereo.inference.sasi import (
     unpatchify,
 )
 from dreamstereo.scenes import demo_scene
-from dreamstereo.stages.gapw import double_project, training_direction
+from dreamstereo.stages.warp import double_project, training_direction
 from tests.inference.conftest import text, toy_wan
 
 

@@ -8,7 +8,8 @@ import torch
 
 from dreamstereo.scenes import Layer, demo_scene, render, step_scene
 from dreamstereo.stages import metrics
-from dreamstereo.stages.gapw import double_project, gapw_warp, training_direction, warp
+from dreamstereo.stages.gapw import gapw_warp
+from dreamstereo.stages.warp import double_project, training_direction, warp
 from dreamstereo.types import Direction, WarpMethod
 
 DIRECTIONS = ["right", "left"]
