@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_ms, write_result  # noqa: E402
 
-from dreamstereo import media  # noqa: E402
+from dreamstereo.io import media  # noqa: E402
 from dreamstereo.pipeline.isolate import decode_contained  # noqa: E402
 from dreamstereo.scenes import demo_scene  # noqa: E402
 from dreamstereo.stages.decode import DecodeConfig, decode_clips  # noqa: E402

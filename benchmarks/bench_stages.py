@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, time_ms, write_result  # noqa: E402
 
-from dreamstereo import media  # noqa: E402
-from dreamstereo.sample import encode_sample  # noqa: E402
+from dreamstereo.io import media  # noqa: E402
+from dreamstereo.io.sample import encode_sample  # noqa: E402
 from dreamstereo.scenes import demo_scene  # noqa: E402
 from dreamstereo.stages.decode import DecodeConfig, decode_clips  # noqa: E402
 from dreamstereo.stages.depth import DepthAnythingV2, align_scale_shift  # noqa: E402

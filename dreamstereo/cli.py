@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Imports are deferred so that `--help` stays fast.
     from dreamstereo.config import ConfigError
-    from dreamstereo.media import MediaError
-    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.io.media import MediaError
+    from dreamstereo.io.storage import StorageError
 
     try:
         return _COMMANDS[args.command](args)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_output_folder(path: str) -> None:
     """Fail before any work if ``path`` cannot become a writable folder."""
-    from dreamstereo.media import MediaError
+    from dreamstereo.io.media import MediaError
 
     out = Path(path)
     existing = next((p for p in (out, *out.parents) if p.exists()), None)
@@ -143,7 +143,7 @@ def _check_output_folder(path: str) -> None:
 
 def _check_output_file(path: str) -> None:
     """Fail before any work if ``path`` cannot be written as a file."""
-    from dreamstereo.media import MediaError
+    from dreamstereo.io.media import MediaError
 
     out = Path(path)
     if out.is_dir():
@@ -189,7 +189,7 @@ def _cmd_process(args) -> int:
 
 def _cmd_generate(args) -> int:
     from dreamstereo.config import load_config
-    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.io.storage import StorageError
     from dreamstereo.pipeline.job import GenerateConfig, run_generate
     from dreamstereo.stages.depth import DepthWeightsError
 
@@ -219,7 +219,7 @@ def _cmd_warp_eval(args) -> int:
     print(format_table(rows))
     report = {"version": __version__, "folder": str(args.folder), "config_hash": config_hash(cfg),
               "delta": cfg.warp.delta, "hole_margin": cfg.warp.hole_margin, "rows": rows}
-    from dreamstereo import media
+    from dreamstereo.io import media
 
     media.write_text(args.json, json.dumps(report, indent=2))  # all-or-nothing; a full disk names the file
     print(f"wrote {args.json}")
@@ -241,8 +241,12 @@ def _cmd_demo(args) -> int:
 
 def _cmd_convert(args) -> int:
     from dreamstereo.config import load_config
-    from dreamstereo.inference.convert import ConvertConfig, InpaintMethod, convert_video
-    from dreamstereo.media import MediaError
+    from dreamstereo.inference.convert import (
+        ConvertConfig,
+        InpaintMethod,
+        convert_video,
+    )
+    from dreamstereo.io.media import MediaError
     from dreamstereo.models.wan_inpaint import WeightsError
     from dreamstereo.stages.depth import DepthWeightsError
 
@@ -298,8 +302,8 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     import torch
 
+    from dreamstereo.io.storage import StorageError
     from dreamstereo.models.wan_inpaint import WeightsError
-    from dreamstereo.pipeline.io.storage import StorageError
     from dreamstereo.training.export import export_model
 
     _check_output_folder(args.out)
@@ -315,8 +319,8 @@ def _cmd_export(args) -> int:
 def _cmd_evaluate(args) -> int:
     from dreamstereo.config import load_config
     from dreamstereo.inference.evaluate import EvaluateConfig, evaluate
+    from dreamstereo.io.storage import StorageError
     from dreamstereo.models.wan_inpaint import WeightsError
-    from dreamstereo.pipeline.io.storage import StorageError
 
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     if args.json:

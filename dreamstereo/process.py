@@ -16,12 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamstereo import __version__, media, preview
+from dreamstereo import __version__
 from dreamstereo.config import ProcessConfig, config_hash, to_plain, to_yaml
-from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.pipeline.io.storage import StorageError, read_uri
+from dreamstereo.io import media, preview
+from dreamstereo.io.sample import (
+    encode_raw_sample,
+    encode_sample,
+    make_key,
+    write_sample_files,
+)
+from dreamstereo.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.io.storage import StorageError, read_uri
 from dreamstereo.pipeline.isolate import decode_contained
-from dreamstereo.sample import encode_raw_sample, encode_sample, make_key, write_sample_files
 from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.stages.disparity import normalize_disparity, sample_max_disparity

@@ -224,7 +224,7 @@ def write_scene(scene: Scene, path, *, fps: float = 12.0) -> tuple[str, str]:
     """
     from pathlib import Path
 
-    from dreamstereo import media
+    from dreamstereo.io import media
 
     path = Path(path)
     media.write_video(path, scene.frames_uint8(), fps)

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamstereo import __version__, media, preview
+from dreamstereo import __version__
 from dreamstereo.config import DemoConfig, PbdpConfig, VideoOutput, config_hash, to_yaml
+from dreamstereo.io import media, preview
 from dreamstereo.stages import metrics
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.stages.warp import double_project, training_direction
@@ -282,7 +283,7 @@ def _first_sample(shards_dir: Path):
     """The first sample of the first non-empty shard, decoded (None when the run kept nothing)."""
     import webdataset as wds
 
-    from dreamstereo.sample import read_sample
+    from dreamstereo.io.sample import read_sample
 
     listing = json.loads((shards_dir / "manifest.json").read_text())
     for entry in listing["shards"]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import errno
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: this floor module stays free of heavy imports
+    import torch
 
 
 class Direction(str, enum.Enum):
@@ -103,6 +105,37 @@ class ErrorCode(str, enum.Enum):
 
 
 RETRYABLE_CODES = frozenset({ErrorCode.READ_FAILED, ErrorCode.DEPTH_FAILED})  # `generate --retry-failed`
+# Codes that are a verdict on the input (it is valid but unusable), not a failure: recorded as rejected.
+REJECTION_CODES = frozenset({ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL})
+
+
+class SampleStatus(str, enum.Enum):
+    """What became of one clip: the one vocabulary of every record (parquet rows, Ray rows, manifests)."""
+
+    PENDING = "pending"  # decoded, on its way through depth and the pair stage (Ray rows only; never stored)
+    OK = "ok"  # a sample was written
+    REJECTED = "rejected"  # a verdict: the quality filter or a REJECTION_CODES input
+    FAILED = "failed"  # an ErrorCode: the data could not be processed
+
+    @classmethod
+    def for_error(cls, code: ErrorCode) -> "SampleStatus":
+        """The status a sample error stands for: rejected for REJECTION_CODES, failed otherwise."""
+        return cls.REJECTED if code in REJECTION_CODES else cls.FAILED
+
+    @property
+    def label(self) -> str:
+        """How ``dreamstereo process`` names it in its lines and manifest (``kept`` for OK, as it always has)."""
+        return "kept" if self is SampleStatus.OK else self.value
+
+
+class UserError(Exception):
+    """Bad input or an environment the user can fix (a full disk, a missing weight, a bad setting): the CLI
+    prints its one-line message and exits 2. Everything else is a bug and keeps its traceback."""
+
+
+# What every command maps to exit status 2 (cli.py and the Ray Train setup path): OSError covers missing
+# files, no permission and full or read-only outputs, named by the code that raised them.
+USER_ERRORS = (UserError, OSError)
 
 
 class SampleError(Exception):

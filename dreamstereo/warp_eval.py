@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamstereo import media
+from dreamstereo.io import media
 from dreamstereo.stages import metrics
 from dreamstereo.stages.warp import double_project
 from dreamstereo.types import Direction, WarpMethod

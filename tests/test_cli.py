@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreamstereo import media
 from dreamstereo.cli import main
+from dreamstereo.io import media
 from dreamstereo.scenes import demo_scene, step_scene, write_scene
 from dreamstereo.stages.warp import double_project
 

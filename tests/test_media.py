@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dreamstereo import media
+from dreamstereo.io import media
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dreamstereo.cli import main
-from dreamstereo.sample import read_sample_files
+from dreamstereo.io.sample import read_sample_files
 from dreamstereo.scenes import demo_scene, write_scene
 from tests.conftest import REPO, SHARED_DATA
 from tests.videos import moving_pattern, write_audio_only, write_video

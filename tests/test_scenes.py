@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamstereo import media
+from dreamstereo.io import media
 from dreamstereo.scenes import Layer, demo_scene, render, step_scene, write_scene
 from dreamstereo.types import Direction
 

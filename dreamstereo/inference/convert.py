@@ -23,13 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamstereo import __version__, media
+from dreamstereo import __version__
 from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
-from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity
+from dreamstereo.io import media
+from dreamstereo.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.stages.depth import (
+    DepthBackendName,
+    DepthConfig,
+    load_backend,
+    oracle_disparity,
+)
+from dreamstereo.stages.stereo import (
+    DisparityRange,
+    StereoFormat,
+    blend,
+    compose,
+    crossfade,
+    inpaint_opencv,
+)
 from dreamstereo.stages.warp import WarpConfig, warp
-from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
 from dreamstereo.types import Direction, ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
@@ -170,7 +183,7 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
         "wall_seconds": round(wall, 2), "config": to_plain(cfg),
     }
     if preview and sheet_tiles is not None:
-        from dreamstereo.preview import contact_sheet
+        from dreamstereo.io.preview import contact_sheet
 
         media.write_image(preview, contact_sheet(sheet_tiles, columns=2))
         record["preview"] = str(preview)
@@ -205,7 +218,7 @@ def _depth_source(source: Path, info: media.VideoInfo, cfg: ConvertConfig):
 
 
 def _preview_tiles(frame, norm, mask, left, right) -> list[tuple[str, np.ndarray]]:
-    from dreamstereo.preview import colourize_disparity, overlay_mask
+    from dreamstereo.io.preview import colourize_disparity, overlay_mask
 
     return [("input", frame), ("disparity", colourize_disparity(norm)), ("holes to inpaint", overlay_mask(
         frame if left is frame else right, mask)), ("left", left), ("right", right),

@@ -19,10 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamstereo import __version__, media
+from dreamstereo import __version__
 from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig, StereoInpainter
-from dreamstereo.pipeline.io.storage import S3Config
+from dreamstereo.io import media
+from dreamstereo.io.sample import read_sample
+from dreamstereo.io.shards import iter_raw_samples, resolve_shards, sample_members
+from dreamstereo.io.storage import S3Config
+from dreamstereo.models.wan_inpaint import VAE_TEMPORAL
 from dreamstereo.stages.metrics import psnr, ssim
 from dreamstereo.stages.stereo import blend, inpaint_opencv
 
@@ -51,10 +55,6 @@ METHODS = ("sparse", "dense", "opencv")
 
 def _pairs(shards: str, cfg: EvaluateConfig):
     """Up to ``max_samples`` decoded PBDP pairs from a generate output / brace pattern / tar."""
-    from dreamstereo.models.wan_inpaint import VAE_TEMPORAL
-    from dreamstereo.sample import read_sample
-    from dreamstereo.training.data import iter_raw_samples, resolve_shards, sample_members
-
     found = 0
     for url in resolve_shards(shards, cfg.s3):
         for raw in iter_raw_samples(url, cfg.s3):
@@ -160,7 +160,7 @@ def format_table(table: list[dict], with_lpips: bool) -> str:
 
 
 def _contact_sheet(tiles) -> np.ndarray:
-    from dreamstereo.preview import contact_sheet, overlay_mask
+    from dreamstereo.io.preview import contact_sheet, overlay_mask
 
     cells = []
     for key, clean, warped, mask, outputs in tiles:

@@ -23,12 +23,12 @@ import time
 
 import numpy as np
 
-from dreamstereo.pipeline.io.shards import stage_sample
-from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.pipeline.io.storage import StorageError, open_storage, read_uri, uri_exists
+from dreamstereo.io.sample import make_key
+from dreamstereo.io.shards import stage_sample
+from dreamstereo.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.io.storage import StorageError, open_storage, read_uri, uri_exists
 from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.process import process_clip, raw_clip
-from dreamstereo.sample import make_key
 from dreamstereo.stages.decode import Clip, VideoProbe
 from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
 from dreamstereo.types import ErrorCode, SampleError

@@ -22,11 +22,32 @@ import time
 
 from dreamstereo import __version__
 from dreamstereo.config import ProcessConfig, config_hash, to_yaml
-from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
-from dreamstereo.pipeline.io.manifest import InputConfig, check_input_access, read_inputs, split_shards
-from dreamstereo.pipeline.io.shards import STAGING_DIR, commit_staged, committed_shards, shard_name
-from dreamstereo.pipeline.io.storage import (S3Config, StorageError, UnwritableStorageError,
-                                             open_storage)
+from dreamstereo.io.shards import (
+    STAGING_DIR,
+    commit_staged,
+    committed_shards,
+    shard_name,
+)
+from dreamstereo.io.storage import (
+    S3Config,
+    StorageError,
+    UnwritableStorageError,
+    open_storage,
+)
+from dreamstereo.pipeline.actors import (
+    CONTRACT,
+    INPUT_COLUMNS,
+    DepthActor,
+    PairActor,
+    WriteActor,
+    decode_batch,
+)
+from dreamstereo.pipeline.manifest import (
+    InputConfig,
+    check_input_access,
+    read_inputs,
+    split_shards,
+)
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES, original_error
 

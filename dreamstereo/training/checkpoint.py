@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from dreamstereo.pipeline.io.storage import S3Config, StorageError, open_storage
+from dreamstereo.io.storage import S3Config, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError, open_storage
-from dreamstereo.sample import read_sample
+from dreamstereo.io.sample import read_sample
+from dreamstereo.io.shards import iter_raw_samples, sample_members
+from dreamstereo.io.storage import S3Config, StorageError
 from dreamstereo.stages.decode import resize_center_crop
 from dreamstereo.training.masks import MaskConfig, random_video_mask
 
@@ -89,49 +90,7 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Shard lists and raw samples
-
-
-def resolve_shards(spec: str, s3: S3Config | None = None) -> list[str]:
-    """Tar URLs (local paths or ``s3://bucket/key``) from a generate output, a brace pattern or one tar.
-
-    Raises:
-        StorageError: no manifest at the location, or the manifest lists no samples.
-    """
-    import braceexpand
-
-    spec = spec.rstrip("/")
-    if spec.endswith(".tar") or "{" in spec:
-        return list(braceexpand.braceexpand(spec))
-    storage = open_storage(spec, s3)
-    try:
-        manifest = json.loads(storage.read_bytes("manifest.json"))
-    except StorageError:
-        raise StorageError(f"{spec!r} has no manifest.json: give a `dreamstereo generate` output, a brace "
-                           f"pattern of tar URLs (e.g. {spec}/shards/{{000000..000009}}.tar) or one .tar") from None
-    urls = [f"{spec}/{entry['path']}" for entry in manifest["shards"] if entry.get("num_samples", 1) > 0]
-    if not urls:
-        raise StorageError(f"{spec}/manifest.json lists no shard with samples")
-    return urls
-
-
-def _open(url: str, s3: S3Config | None):
-    if url.startswith("s3://"):
-        bucket, _, key = url[len("s3://"):].partition("/")
-        return S3Storage(f"s3://{bucket}", s3).open_read(key)
-    return open(url, "rb")
-
-
-def iter_raw_samples(url: str, s3: S3Config | None = None) -> Iterator[dict]:
-    """The samples of one tar in order: ``{"__key__", "__url__", "<ext>": bytes, ...}`` (webdataset grouping)."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-    stream = _open(url, s3)
-    try:
-        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-        yield from group_by_keys(files)
-    finally:
-        stream.close()
+# Damaged shards (shard lists and raw samples: io/shards.py)
 
 
 def damaged_shard(url: str, exc: tarfile.TarError, cfg: DataConfig) -> None:
@@ -144,11 +103,6 @@ def damaged_shard(url: str, exc: tarfile.TarError, cfg: DataConfig) -> None:
         raise DamagedShard(f"shard {url} is not a readable tar ({exc}): regenerate or remove it, or set "
                            f"data.strict=false to skip damaged shards") from None
     logger.warning("shard %s is not a readable tar (%s): skipped from there on (data.strict=false)", url, exc)
-
-
-def sample_members(raw: dict) -> dict:
-    """A webdataset sample's members by extension (no leading dot, no ``__key__``-style fields)."""
-    return {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
 
 
 def _seed(*parts) -> int:
@@ -232,7 +186,7 @@ def decode_raw(raw: dict, cfg: DataConfig, bucket: tuple[int, int], seed: int, w
         target clip, the clip the masked-video latent is made from (Stage 1: the clean clip; Stage 2: V1'),
         and the pixels to inpaint.
     """
-    from dreamstereo import media
+    from dreamstereo.io import media
 
     members = sample_members(raw)
     key = raw["__key__"]
@@ -444,11 +398,6 @@ def validation_batches(urls: list[str], cfg: DataConfig, *, batch_size: int, see
     if chunk:
         flush(window)
     return out
-
-
-def read_keys(url: str, s3: S3Config | None = None) -> list[str]:
-    """Sample keys of one tar, in order (for tests and tools)."""
-    return [raw["__key__"] for raw in iter_raw_samples(url, s3)]
 
 
 def frames_to_video(frames: torch.Tensor) -> torch.Tensor:

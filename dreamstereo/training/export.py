@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from dreamstereo import __version__
+from dreamstereo.io.storage import S3Config
 from dreamstereo.models import wan_inpaint as wan
-from dreamstereo.pipeline.io.storage import S3Config
 from dreamstereo.training import checkpoint as ckpt
 
 logger = logging.getLogger(__name__)

@@ -25,12 +25,18 @@ import torch
 
 from dreamstereo import __version__
 from dreamstereo.config import to_yaml
+from dreamstereo.io.shards import resolve_shards
+from dreamstereo.io.storage import StorageError
 from dreamstereo.models import wan_inpaint as wan
-from dreamstereo.pipeline.io.storage import StorageError
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.config import LrDecay, Precision, TrainConfig
-from dreamstereo.training.data import (TrainBatches, TrainDataError, _seed, frames_to_video, resolve_shards,
-                                       validation_batches)
+from dreamstereo.training.data import (
+    TrainBatches,
+    TrainDataError,
+    _seed,
+    frames_to_video,
+    validation_batches,
+)
 from dreamstereo.training.objective import flow_matching_loss, sample_sigmas
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dreamstereo.cli import main
-from dreamstereo.media import read_video
+from dreamstereo.io.media import read_video
 from dreamstereo.scenes import step_scene, write_scene
 from dreamstereo.stages.stereo import DisparityRange, blend, compose
 from dreamstereo.types import Direction

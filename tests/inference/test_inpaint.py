@@ -10,7 +10,7 @@ import pytest
 from dreamstereo.cli import main
 from dreamstereo.inference.inpaint import InpaintConfig, StereoInpainter
 from dreamstereo.inference.sasi import SasiConfig
-from dreamstereo.media import read_video
+from dreamstereo.io.media import read_video
 from dreamstereo.scenes import step_scene, write_scene
 
 

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from dreamstereo.cli import main
-from dreamstereo.pipeline.io.shards import shard_name
-from dreamstereo.pipeline.io.storage import LocalStorage, S3Config, S3Storage
-from dreamstereo.sample import read_sample
+from dreamstereo.io.sample import read_sample
+from dreamstereo.io.shards import shard_name
+from dreamstereo.io.storage import LocalStorage, S3Config, S3Storage
 from dreamstereo.scenes import demo_scene, write_scene
 from tests.conftest import deadline
 
@@ -133,7 +133,7 @@ def test_ray_data_reads_the_shards(ray_local, corpus, tmp_path, capsys):
 
 
 def test_s3_output_matches_local(ray_s3, corpus, tmp_path, capsys, s3_bucket, s3_env):
-    from dreamstereo.pipeline.io.storage import register_webdataset_s3
+    from dreamstereo.io.storage import register_webdataset_s3
 
     uri = f"s3://{s3_bucket}/run"
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", uri, *SMALL,
@@ -362,8 +362,8 @@ def test_a_commit_on_a_full_disk_fails_once_and_the_driver_gets_its_storage_erro
 
     import ray
 
-    from dreamstereo.pipeline.io.shards import stage_sample
-    from dreamstereo.pipeline.io.storage import UnwritableStorageError
+    from dreamstereo.io.shards import stage_sample
+    from dreamstereo.io.storage import UnwritableStorageError
     from dreamstereo.pipeline.job import commit_shard, storage_error
 
     out = tiny_disk.path / "out"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError
+from dreamstereo.io.storage import S3Config, S3Storage, StorageError
 from tests.conftest import S3_SECRET, deadline
 from tests.faultproxy import KINDS, FaultProxy, Schedule
 from tests.pipeline.test_generate import SMALL, _run, corpus, ray_local, ray_s3  # noqa: F401 (fixtures)
@@ -116,8 +116,8 @@ def test_training_reader_gets_every_sample_once_through_faults(s3_bucket, s3_env
     opener) streams each shard through resets and stalls: every sample exactly once, bytes as stored."""
     import webdataset as wds
 
-    from dreamstereo.pipeline.io.storage import register_webdataset_s3
-    from dreamstereo.training.data import iter_raw_samples, resolve_shards
+    from dreamstereo.io.storage import register_webdataset_s3
+    from dreamstereo.io.shards import iter_raw_samples, resolve_shards
     from tests.training.shards import write_shards
 
     clean = S3Config(endpoint_url=s3_env)
@@ -160,7 +160,7 @@ def test_generate_through_faults_equals_a_clean_run(ray_s3, corpus, capsys, s3_b
 
     import pyarrow.parquet as pq
 
-    from dreamstereo.pipeline.io.shards import shard_name
+    from dreamstereo.io.shards import shard_name
 
     clean = S3Config(endpoint_url=s3_env)
     inputs = S3Storage(f"s3://{s3_bucket}/in", clean)

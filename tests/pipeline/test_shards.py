@@ -8,8 +8,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from dreamstereo.pipeline.io.shards import ShardWriter, committed_shards, shard_name
-from dreamstereo.pipeline.io.storage import LocalStorage, S3Config, S3Storage
+from dreamstereo.io.shards import ShardWriter, committed_shards, shard_name
+from dreamstereo.io.storage import LocalStorage, S3Config, S3Storage
 
 
 class CountingStorage(LocalStorage):
@@ -79,7 +79,7 @@ def test_same_on_s3(s3_bucket, s3_env):
 def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
     import webdataset as wds
 
-    from dreamstereo.pipeline.io.shards import commit_staged, read_staged, stage_sample
+    from dreamstereo.io.shards import commit_staged, read_staged, stage_sample
 
     storage = CountingStorage(tmp_path / "out")
     members = {"b": {"rgb.mp4": b"video-b", "json": b'{"k": "b"}'}, "a": {"rgb.mp4": b"video-a", "json": b"{}"}}
@@ -106,8 +106,8 @@ def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
 def test_a_full_disk_is_a_storage_error_naming_the_object_and_leaves_no_partial_shard(tiny_disk):
     import os
 
-    from dreamstereo.pipeline.io.shards import commit_staged, stage_sample
-    from dreamstereo.pipeline.io.storage import StorageError
+    from dreamstereo.io.shards import commit_staged, stage_sample
+    from dreamstereo.io.storage import StorageError
 
     storage = LocalStorage(tiny_disk.path / "out")
     tiny_disk.fill(leave=700 * 1024)
@@ -131,7 +131,7 @@ def test_a_full_disk_is_a_storage_error_naming_the_object_and_leaves_no_partial_
 
 
 def test_a_read_only_disk_is_an_unwritable_storage_error_naming_the_object(tiny_disk):
-    from dreamstereo.pipeline.io.storage import UnwritableStorageError
+    from dreamstereo.io.storage import UnwritableStorageError
 
     storage = LocalStorage(tiny_disk.path / "out")
     storage.write_bytes("kept.json", b"{}")

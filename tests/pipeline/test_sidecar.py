@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from dreamstereo.pipeline.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError
+from dreamstereo.io.sidecar import read_sidecar, sidecar_of
+from dreamstereo.io.storage import S3Config, S3Storage, StorageError
 from dreamstereo.stages.depth import DepthConfig
 from dreamstereo.types import SampleError
 

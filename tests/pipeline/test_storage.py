@@ -8,8 +8,15 @@ import time
 
 import pytest
 
-from dreamstereo.pipeline.io.storage import (LocalStorage, S3Config, S3Storage, StorageError, open_storage, read_uri,
-                                             register_webdataset_s3)
+from dreamstereo.io.storage import (
+    LocalStorage,
+    S3Config,
+    S3Storage,
+    StorageError,
+    open_storage,
+    read_uri,
+    register_webdataset_s3,
+)
 from dreamstereo.types import SampleError
 from tests.conftest import S3_SECRET
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dreamstereo.sample import encode_raw_sample, encode_sample, make_key
+from dreamstereo.io.sample import encode_raw_sample, encode_sample, make_key
 from dreamstereo.scenes import demo_scene
 
 
@@ -18,7 +18,7 @@ def write_shards(folder, *, shards: int, per_shard: int, pairs: bool = False, he
 
     import webdataset as wds
 
-    from dreamstereo.pipeline.io.storage import LocalStorage
+    from dreamstereo.io.storage import LocalStorage
     from dreamstereo.stages.disparity import normalize_disparity
     from dreamstereo.stages.pairs import PairConfig, make_pair
 
@@ -49,6 +49,6 @@ def write_shards(folder, *, shards: int, per_shard: int, pairs: bool = False, he
 
 
 def tar_keys(url: str) -> list[str]:
-    from dreamstereo.training.data import read_keys
+    from dreamstereo.io.shards import read_keys
 
     return read_keys(url)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreamstereo.pipeline.io.storage import S3Config, StorageError
+from dreamstereo.io.storage import S3Config, StorageError
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.train import TrainSetupError, check_store_shared, clip_grads
 

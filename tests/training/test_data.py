@@ -7,10 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from dreamstereo.pipeline.io.storage import S3Config, S3Storage, StorageError
-from dreamstereo.sample import read_sample
-from dreamstereo.training.data import (DataConfig, ShardStream, TrainBatches, TrainStage, iter_raw_samples,
-                                       resolve_shards, split_shards, validation_batches)
+from dreamstereo.io.sample import read_sample
+from dreamstereo.io.shards import iter_raw_samples, resolve_shards
+from dreamstereo.io.storage import S3Config, S3Storage, StorageError
+from dreamstereo.training.data import (
+    DataConfig,
+    ShardStream,
+    TrainBatches,
+    TrainStage,
+    split_shards,
+    validation_batches,
+)
 from tests.training.shards import write_shards
 
 

@@ -200,7 +200,7 @@ def test_checkpoints_go_to_s3_and_resume_from_there(toy_wan, raw_shards, s3_buck
     resumed = train(_cfg(toy_wan, raw_shards[0], tmp_path / "a", "max_steps=4", "resume=latest", *common))
     assert resumed["losses"] == whole["losses"][2:]
     assert list(fetches.iterdir()) == []  # the temporary copy is gone
-    from dreamstereo.pipeline.io.storage import S3Config, S3Storage
+    from dreamstereo.io.storage import S3Config, S3Storage
 
     storage = S3Storage(uri, S3Config(endpoint_url=s3_env))
     keys = storage.list("")

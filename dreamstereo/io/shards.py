@@ -10,6 +10,9 @@ sample as a one-sample tar under ``_staging/{shard:06d}/<key>.tar`` (``stage_sam
 only its record; when every input of a shard is accounted for, a commit task (``commit_staged``)
 assembles the staged samples in input order into the shard tar, writes parquet and stats, then
 removes the staging objects.
+
+Reading (training, evaluation, tools): :func:`resolve_shards` turns a generate output, a brace pattern or one
+tar into tar URLs, and :func:`iter_raw_samples` yields the samples of one tar as webdataset groups them.
 """
 
 from __future__ import annotations
@@ -23,10 +26,13 @@ import logging
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import braceexpand
+
 from dreamstereo import __version__
-from dreamstereo.pipeline.io.storage import StorageError
+from dreamstereo.io.storage import S3Config, S3Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -192,3 +198,61 @@ def commit_staged(storage, shard_id: int, records: list[dict], timings: dict | N
     for name in storage.list(f"{STAGING_DIR}/{shard_id:06d}/"):
         storage.delete(name)
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_shards(spec: str, s3: S3Config | None = None) -> list[str]:
+    """Tar URLs (local paths or ``s3://bucket/key``) from a generate output, a brace pattern or one tar.
+
+    Raises:
+        StorageError: no manifest at the location, or the manifest lists no samples.
+    """
+    spec = spec.rstrip("/")
+    if spec.endswith(".tar") or "{" in spec:
+        return list(braceexpand.braceexpand(spec))
+    storage = open_storage(spec, s3)
+    try:
+        manifest = json.loads(storage.read_bytes("manifest.json"))
+    except StorageError:
+        raise StorageError(f"{spec!r} has no manifest.json: give a `dreamstereo generate` output, a brace "
+                           f"pattern of tar URLs (e.g. {spec}/shards/{{000000..000009}}.tar) or one .tar") from None
+    urls = [f"{spec}/{entry['path']}" for entry in manifest["shards"] if entry.get("num_samples", 1) > 0]
+    if not urls:
+        raise StorageError(f"{spec}/manifest.json lists no shard with samples")
+    return urls
+
+
+def open_shard(url: str, s3: S3Config | None):
+    """A binary stream of one shard tar (a local path or ``s3://bucket/key``)."""
+    if url.startswith("s3://"):
+        bucket, _, key = url[len("s3://"):].partition("/")
+        return S3Storage(f"s3://{bucket}", s3).open_read(key)
+    return open(url, "rb")
+
+
+def iter_raw_samples(url: str, s3: S3Config | None = None) -> Iterator[dict]:
+    """The samples of one tar in order: ``{"__key__", "__url__", "<ext>": bytes, ...}`` (webdataset grouping)."""
+    from webdataset.tariterators import (  # local: webdataset imports torch (~1 s)
+        group_by_keys,
+        tar_file_iterator,
+    )
+
+    stream = open_shard(url, s3)
+    try:
+        files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+        yield from group_by_keys(files)
+    finally:
+        stream.close()
+
+
+def sample_members(raw: dict) -> dict:
+    """A webdataset sample's members by extension (no leading dot, no ``__key__``-style fields)."""
+    return {k.lstrip("."): v for k, v in raw.items() if not k.startswith("__")}
+
+
+def read_keys(url: str, s3: S3Config | None = None) -> list[str]:
+    """Sample keys of one tar, in order (for tests and tools)."""
+    return [raw["__key__"] for raw in iter_raw_samples(url, s3)]

@@ -18,7 +18,13 @@ import posixpath
 import re
 from pathlib import Path
 
-from dreamstereo.pipeline.io.storage import S3Config, StorageError, check_input_uri, open_storage, uri_exists
+from dreamstereo.io.storage import (
+    S3Config,
+    StorageError,
+    check_input_uri,
+    open_storage,
+    uri_exists,
+)
 from dreamstereo.types import SampleError
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from dreamstereo.pipeline.io.storage import StorageError, read_uri
+from dreamstereo.io.storage import StorageError, read_uri
 from dreamstereo.stages.depth import DepthConfig, parse_sidecar
 from dreamstereo.types import ErrorCode, SampleError
 

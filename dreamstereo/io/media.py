@@ -26,7 +26,7 @@ import av
 import cv2
 import numpy as np
 
-from dreamstereo.arrays import ArrayFile, ArrayFileError
+from dreamstereo.arrays import ArrayFile
 from dreamstereo.stages.decode import decodable_end_s, decodable_timestamps
 from dreamstereo.types import UNWRITABLE_ERRNOS, os_error_reason
 

@@ -267,7 +267,11 @@ class S3Storage:
 # ``StreamingBody.read``; the bare urllib3/socket ones escape when it reads the body of an error answer.
 def _stream_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from botocore.exceptions import (
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
     from urllib3.exceptions import ProtocolError
     from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dreamstereo import media
+from dreamstereo.io import media
 
 MEMBERS = ("rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json")
 RAW_MEMBERS = ("rgb.mp4", "json")  # `generate mode=raw`: clean clips for Stage 1 training

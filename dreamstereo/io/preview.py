@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dreamstereo.media import to_uint8
+from dreamstereo.io.media import to_uint8
 
 OVERLAY_COLOUR = np.array([255, 0, 255], np.uint8)  # magenta: rare in natural images
 
