@@ -1,12 +1,18 @@
 """The ``dreamstereo`` command line: ``dreamstereo <command> [options] [key=value ...]``.
 
 Every command takes ``--config FILE.yaml`` (repeatable) and ``key=value`` overrides of its schema
-(``dreamstereo/config.py``). Bad input ends with exit status 2 and one line on stderr.
+(:data:`SCHEMAS`). Bad input ends with exit status 2 and one line on stderr: every error that is the user's
+to fix is a :class:`~dreamstereo.types.UserError` (or an OSError), mapped in one place (:func:`main`);
+anything else is a bug and keeps its traceback.
+
+Each command imports its module when it runs, not at the top of this file: they import torch, Ray and
+diffusers (seconds), and ``--help``, ``--version`` and usage errors should answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -14,8 +20,35 @@ import sys
 from pathlib import Path
 
 from dreamstereo import __version__
+from dreamstereo.types import USER_ERRORS, DepthBackendName, Direction
 
 logger = logging.getLogger("dreamstereo")
+
+# Command -> "module:Class" of the schema its config files and overrides fill (``configs/<command>/*.yaml``).
+SCHEMAS = {
+    "pbdp": "dreamstereo.tools:PbdpConfig",
+    "process": "dreamstereo.pipeline.process:ProcessConfig",
+    "generate": "dreamstereo.pipeline.job:GenerateConfig",
+    "warp-eval": "dreamstereo.warp_eval:WarpEvalConfig",
+    "convert": "dreamstereo.inference.convert:ConvertConfig",
+    "train": "dreamstereo.training.config:TrainConfig",
+    "evaluate": "dreamstereo.inference.evaluate:EvaluateConfig",
+    "demo": "dreamstereo.tools:DemoConfig",
+}
+DEPTH_CHOICES = [name.value for name in DepthBackendName]
+
+
+def schema(command: str) -> type:
+    """The schema class of ``command`` (imported on first use)."""
+    module, _, name = SCHEMAS[command].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _load(command: str, args, overrides: list[str] = (), files: list[str] = ()):
+    """The command's resolved config: schema defaults <- ``files`` <- ``--config`` files <- overrides."""
+    from dreamstereo.config import load_config
+
+    return load_config(schema(command), [*files, *args.config], [*args.overrides, *overrides])
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pbdp", help="double projection of an image or video with a given disparity")
     p.add_argument("input", help="image (.png/.jpg/...) or video file")
     p.add_argument("--disparity", required=True, help=".npy/.npz/.pfm, or a PNG with --disparity-scale")
-    p.add_argument("--direction", choices=["right", "left"], help="where view 2 lies (default: config)")
+    p.add_argument("--direction", choices=[d.value for d in Direction], help="where view 2 lies (default: config)")
     p.add_argument("--disparity-scale", type=float, help="pixels per stored unit (e.g. 0.5 for Middlebury)")
     p.add_argument("--out", required=True, help="output folder")
     _add_config_args(p)
@@ -48,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("process", help="the clip chain on one video: samples, verdicts, preview")
     p.add_argument("video", help="a video file")
     p.add_argument("--out", required=True, help="output folder for <key>.<ext> members and preview.png")
-    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+    p.add_argument("--depth", choices=DEPTH_CHOICES,
                    help="depth backend (default: config)")
     _add_config_args(p)
 
     p = sub.add_parser("generate", help="the Ray job: a video list -> WebDataset shards in a folder or S3")
     p.add_argument("--input", required=True, help="folder, glob, or .csv/.parquet manifest (local or s3://)")
     p.add_argument("--output", required=True, help="local folder or s3://bucket/prefix")
-    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+    p.add_argument("--depth", choices=DEPTH_CHOICES,
                    help="depth backend (default: config)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--retry-failed", action="store_true",
@@ -72,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the stereo video to write (.mp4)")
     p.add_argument("--format", choices=["sbs", "half-sbs", "tb", "half-tb", "anaglyph"],
                    help="stereo layout (default: config, sbs)")
-    p.add_argument("--depth", choices=["oracle", "depth-anything-v2", "depthcrafter"],
+    p.add_argument("--depth", choices=DEPTH_CHOICES,
                    help="depth backend (default: config; oracle reads <video stem>.disparity.npz)")
     p.add_argument("--preview", action="store_true", help="also write <output stem>.preview.png (a contact sheet)")
     p.add_argument("--checkpoint", metavar="DIR",
@@ -115,16 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", [])) + extra
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Imports are deferred so that `--help` stays fast.
-    from dreamstereo.config import ConfigError
-    from dreamstereo.io.media import MediaError
-    from dreamstereo.io.storage import StorageError
-
     try:
         return _COMMANDS[args.command](args)
-    # OSError: missing files, no permission; media.WriteError (an OSError) and StorageError: an output that
-    # is full, read-only or unreachable, named with its cause. All are the user's environment, not bugs.
-    except (ConfigError, MediaError, OSError, StorageError) as exc:
+    except USER_ERRORS as exc:  # bad input, a bad setting, a full or unreachable output, a missing weight
         print(f"dreamstereo {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -154,15 +180,11 @@ def _check_output_file(path: str) -> None:
 
 
 def _cmd_pbdp(args) -> int:
-    from dreamstereo.config import PbdpConfig, load_config
     from dreamstereo.tools import run_pbdp
 
-    overrides = list(args.overrides)
-    if args.direction:
-        overrides.append(f"direction={args.direction}")
-    if args.disparity_scale is not None:
-        overrides.append(f"disparity_scale={args.disparity_scale}")
-    cfg = load_config(PbdpConfig, args.config, overrides)
+    overrides = [f"direction={args.direction}"] if args.direction else []
+    overrides += [f"disparity_scale={args.disparity_scale}"] if args.disparity_scale is not None else []
+    cfg = _load("pbdp", args, overrides)
     _check_output_folder(args.out)
     manifest = run_pbdp(args.input, args.disparity, args.out, cfg)
     print(f"wrote {args.out}: {', '.join(manifest['outputs'].values())} "
@@ -171,47 +193,31 @@ def _cmd_pbdp(args) -> int:
 
 
 def _cmd_process(args) -> int:
-    from dreamstereo.config import ProcessConfig, load_config
-    from dreamstereo.process import run_process
-    from dreamstereo.stages.depth import DepthWeightsError
+    from dreamstereo.pipeline.process import run_process
 
-    overrides = list(args.overrides) + ([f"depth.backend={args.depth}"] if args.depth else [])
-    cfg = load_config(ProcessConfig, args.config, overrides)
+    cfg = _load("process", args, [f"depth.backend={args.depth}"] if args.depth else [])
     _check_output_folder(args.out)
-    try:
-        manifest = run_process(args.video, args.out, cfg)
-    except DepthWeightsError as exc:
-        print(f"dreamstereo process: error: {exc}", file=sys.stderr)
-        return 2
+    manifest = run_process(args.video, args.out, cfg)
     print(f"{args.video}: {manifest['kept']} of {len(manifest['clips'])} clip(s) kept -> {args.out}")
     return 0
 
 
 def _cmd_generate(args) -> int:
-    from dreamstereo.config import load_config
-    from dreamstereo.io.storage import StorageError
-    from dreamstereo.pipeline.job import GenerateConfig, run_generate
-    from dreamstereo.stages.depth import DepthWeightsError
+    from dreamstereo.pipeline.job import run_generate
 
-    overrides = list(args.overrides)
-    if args.depth:
-        overrides.append(f"process.depth.backend={args.depth}")
-    if args.address:
-        overrides.append(f"ray_address={args.address}")
-    cfg = load_config(GenerateConfig, args.config, overrides)
-    try:
-        summary = run_generate(args.input, args.output, cfg, retry_failed=args.retry_failed)
-    except (StorageError, DepthWeightsError, ValueError) as exc:
-        print(f"dreamstereo generate: error: {exc}", file=sys.stderr)
-        return 2
+    overrides = [f"process.depth.backend={args.depth}"] if args.depth else []
+    overrides += [f"ray_address={args.address}"] if args.address else []
+    cfg = _load("generate", args, overrides)
+    summary = run_generate(args.input, args.output, cfg, retry_failed=args.retry_failed)
     return 1 if summary["failed_shards"] else 0
 
 
 def _cmd_warp_eval(args) -> int:
-    from dreamstereo.config import WarpEvalConfig, config_hash, load_config
+    from dreamstereo.config import config_hash
+    from dreamstereo.io import media
     from dreamstereo.warp_eval import evaluate_folder, format_table
 
-    cfg = load_config(WarpEvalConfig, args.config, args.overrides)
+    cfg = _load("warp-eval", args)
     _check_output_file(args.json)
     opts = cfg.warp.options()
     opts.pop("method")
@@ -219,18 +225,15 @@ def _cmd_warp_eval(args) -> int:
     print(format_table(rows))
     report = {"version": __version__, "folder": str(args.folder), "config_hash": config_hash(cfg),
               "delta": cfg.warp.delta, "hole_margin": cfg.warp.hole_margin, "rows": rows}
-    from dreamstereo.io import media
-
     media.write_text(args.json, json.dumps(report, indent=2))  # all-or-nothing; a full disk names the file
     print(f"wrote {args.json}")
     return 0
 
 
 def _cmd_demo(args) -> int:
-    from dreamstereo.config import DemoConfig, load_config
     from dreamstereo.tools import run_demo
 
-    cfg = load_config(DemoConfig, args.config, args.overrides)
+    cfg = _load("demo", args)
     _check_output_folder(args.out)
     result = run_demo(args.out, cfg)
     print(f"demo: videos in {args.out}/videos, double projection in {args.out}/pbdp (open preview.png), "
@@ -240,20 +243,13 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from dreamstereo.config import load_config
-    from dreamstereo.inference.convert import (
-        ConvertConfig,
-        InpaintMethod,
-        convert_video,
-    )
+    from dreamstereo.inference.convert import InpaintMethod, convert_video
+    from dreamstereo.inference.inpaint import StereoInpainter
     from dreamstereo.io.media import MediaError
-    from dreamstereo.models.wan_inpaint import WeightsError
-    from dreamstereo.stages.depth import DepthWeightsError
 
-    overrides = list(args.overrides)
-    overrides += [f"format={args.format}"] if args.format else []
+    overrides = [f"format={args.format}"] if args.format else []
     overrides += [f"depth.backend={args.depth}"] if args.depth else []
-    cfg = load_config(ConvertConfig, args.config, overrides)
+    cfg = _load("convert", args, overrides)
     if Path(args.output).suffix.lower() != ".mp4":
         raise MediaError(f"output {args.output!r} must be an .mp4 file")
     _check_output_file(args.output)
@@ -261,38 +257,24 @@ def _cmd_convert(args) -> int:
         raise MediaError(f"output {args.output!r} is the input")
     preview = Path(args.output).with_suffix(".preview.png") if args.preview else None
     inpainter = None
-    try:
-        if args.checkpoint and cfg.inpaint is not InpaintMethod.OPENCV:
-            from dreamstereo.inference.inpaint import StereoInpainter
-
-            inpainter = StereoInpainter(args.checkpoint, cfg.model, cfg.device)
-        convert_video(args.input, args.output, cfg, inpainter=inpainter, preview=preview, progress=not args.quiet)
-    except (DepthWeightsError, WeightsError) as exc:
-        raise MediaError(str(exc)) from None
+    if args.checkpoint and cfg.inpaint is not InpaintMethod.OPENCV:
+        inpainter = StereoInpainter(args.checkpoint, cfg.model, cfg.device)
+    convert_video(args.input, args.output, cfg, inpainter=inpainter, preview=preview, progress=not args.quiet)
     return 0
 
 
 def _cmd_train(args) -> int:
-    from dreamstereo.config import load_config
-    from dreamstereo.training.config import TrainConfig
-    from dreamstereo.training.train import RUN_ERRORS, check_config
+    from dreamstereo.training.ray_train import run_ray_training
+    from dreamstereo.training.train import check_config, train
 
-    cfg = load_config(TrainConfig, [args.train_config, *args.config], args.overrides)
-    try:
-        check_config(cfg)
-        _check_output_folder(cfg.output_dir)
-        if cfg.ray.num_workers > 0:
-            from dreamstereo.training.ray_train import run_ray_training
-
-            result = run_ray_training(cfg)
-        else:
-            from dreamstereo.training.train import train
-
-            result = train(cfg)
-            result = {"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None}
-    except RUN_ERRORS as exc:  # bad input, a bad setting or a diverged run; also out of Ray workers
-        print(f"dreamstereo train: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load("train", args, files=[args.train_config])
+    check_config(cfg)
+    _check_output_folder(cfg.output_dir)
+    if cfg.ray.num_workers > 0:
+        result = run_ray_training(cfg)
+    else:
+        result = train(cfg)
+        result = {"step": result["step"], "loss": result["losses"][-1] if result["losses"] else None}
     loss = result.get("loss")
     print(f"trained to step {result.get('step')} (last loss {loss if loss is None else round(loss, 4)}): "
           f"{cfg.output_dir}/metrics.jsonl, checkpoints in {cfg.checkpoint_uri or cfg.output_dir + '/checkpoints'}")
@@ -302,34 +284,21 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     import torch
 
-    from dreamstereo.io.storage import StorageError
-    from dreamstereo.models.wan_inpaint import WeightsError
     from dreamstereo.training.export import export_model
 
     _check_output_folder(args.out)
-    try:
-        out = export_model(args.checkpoint, args.out, base=args.base, dtype=getattr(torch, args.dtype))
-    except (WeightsError, StorageError) as exc:
-        print(f"dreamstereo export: error: {exc}", file=sys.stderr)
-        return 2
+    out = export_model(args.checkpoint, args.out, base=args.base, dtype=getattr(torch, args.dtype))
     print(f"wrote {out}: transformer/ (LoRA merged), vae/, prompt_embedding.safetensors")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from dreamstereo.config import load_config
-    from dreamstereo.inference.evaluate import EvaluateConfig, evaluate
-    from dreamstereo.io.storage import StorageError
-    from dreamstereo.models.wan_inpaint import WeightsError
+    from dreamstereo.inference.evaluate import evaluate
 
-    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    cfg = _load("evaluate", args)
     if args.json:
         _check_output_file(args.json)
-    try:
-        evaluate(args.checkpoint, args.shards, cfg, json_out=args.json)
-    except (WeightsError, StorageError, ValueError) as exc:
-        print(f"dreamstereo evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    evaluate(args.checkpoint, args.shards, cfg, json_out=args.json)
     return 0
 
 

@@ -3,6 +3,11 @@
 ``load_config(schema, yaml_paths, overrides)`` merges ``schema -> YAML files -> dotlist`` with OmegaConf
 and returns a real dataclass instance (``__post_init__`` validation runs there). Unknown keys, wrong
 types and bad enum values raise ``ConfigError`` naming the key.
+
+Each schema lives beside the code it configures (``stages/*`` for the stage sections, ``pipeline/clip.py``,
+``pipeline/job.py``, ``training/config.py``, ...); the command -> schema registry is ``cli.SCHEMAS``. A
+schema that renamed a key lists ``MOVED_KEYS = {"old.key": "new.key"}``: the old key keeps working, with a
+deprecation warning.
 """
 
 from __future__ import annotations
@@ -19,88 +24,14 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dreamstereo.stages.decode import DecodeConfig
-from dreamstereo.stages.depth import DepthConfig
-from dreamstereo.stages.disparity import DisparityConfig
-from dreamstereo.stages.warp import WarpConfig  # noqa: F401  (re-exported: part of every schema)
-from dreamstereo.stages.pairs import PairConfig
-from dreamstereo.stages.quality import QualityConfig
-from dreamstereo.types import Direction, WarpMethod
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
-
-
-class VideoOutput(str, enum.Enum):
-    """How ``dreamstereo pbdp`` writes the views of a video input."""
-
-    LOSSLESS = "lossless"  # FFV1 in .mkv, bit-exact frames
-    PNG = "png"  # one PNG per frame in a folder per output
-
-
-@dataclasses.dataclass
-class PbdpConfig:
-    """``dreamstereo pbdp``: double projection of one image or video with a given disparity."""
-
-    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
-    direction: Direction = Direction.RIGHT  # where view 2 lies: right | left
-    disparity_scale: float | None = None  # pixels per stored unit (required for PNG, e.g. 1/256); None = 1
-    video_output: VideoOutput = VideoOutput.LOSSLESS  # lossless | png, for video inputs
-    preview_frame: int = 0  # frame of a video shown in preview.png
-    chunk_frames: int = 16  # frames of a video processed at once (memory ~ 100 MB per 16 frames at 720p)
-
-    def __post_init__(self):
-        if self.disparity_scale is not None and not self.disparity_scale > 0:
-            raise ConfigError(f"disparity_scale must be > 0, got {self.disparity_scale}")
-        if self.chunk_frames < 1:
-            raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
-
-
-@dataclasses.dataclass
-class WarpEvalConfig:
-    """``dreamstereo warp-eval``: mask quality of every warp method on real stereo pairs."""
-
-    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)  # delta / hole_margin for GAPW
-    methods: list[WarpMethod] = dataclasses.field(default_factory=lambda: list(WarpMethod))
-
-    def __post_init__(self):
-        if not self.methods:
-            raise ConfigError("methods must name at least one warp method")
-
-
-@dataclasses.dataclass
-class DemoConfig:
-    """``dreamstereo demo``: make synthetic scenes and run the data chain and the Ray job on them."""
-
-    width: int = 320  # px
-    height: int = 192  # px
-    num_frames: int = 9  # frames of each scene video (= frames per clip)
-    num_videos: int = 4  # scene videos for the generation job (plus one corrupt file)
-    seed: int = 0  # scene layout and textures (video k uses seed + k)
-    fps: float = 12.0
-    synthesized_eye: Direction = Direction.RIGHT  # training pairs round-trip through the opposite view
-    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
-
-    def __post_init__(self):
-        if self.width < 32 or self.height < 32 or self.num_frames < 1 or self.num_videos < 1:
-            raise ConfigError(f"demo size must be >= 32x32 with >= 1 frame, got "
-                              f"{self.width}x{self.height}x{self.num_frames}")
-
-
-def schemas() -> dict[str, type]:
-    """Folder of ``configs/`` -> the schema its YAML files override (tests load every file against it)."""
-    from dreamstereo.inference.convert import ConvertConfig  # these import this module: resolve late
-    from dreamstereo.inference.evaluate import EvaluateConfig
-    from dreamstereo.pipeline.job import GenerateConfig
-    from dreamstereo.training.config import TrainConfig
-
-    return {"pbdp": PbdpConfig, "warp-eval": WarpEvalConfig, "demo": DemoConfig, "process": ProcessConfig,
-            "generate": GenerateConfig, "convert": ConvertConfig, "evaluate": EvaluateConfig,
-            "train": TrainConfig}
 
 
 def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: list[str] = ()) -> T:
@@ -108,6 +39,8 @@ def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: l
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
+    moved = getattr(schema, "MOVED_KEYS", {})
+    overrides = [_moved_override(item, moved) for item in overrides]
     try:
         merged = OmegaConf.structured(schema)
         for path in yaml_paths:
@@ -119,7 +52,7 @@ def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: l
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config file {str(path)!r} is not plain YAML: "
                                   f"{' '.join(str(exc).split())}") from None
-            merged = OmegaConf.merge(merged, loaded)
+            merged = OmegaConf.merge(merged, _moved_yaml(loaded, moved, path))
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except ConfigError:
@@ -132,10 +65,36 @@ def load_config(schema: type[T], yaml_paths: list[str | Path] = (), overrides: l
         raise ConfigError(str(exc)) from None
 
 
+def _moved_override(item: str, moved: dict[str, str]) -> str:
+    key, _, value = item.partition("=")
+    if key.strip() in moved:
+        logger.warning("config key %r is deprecated: use %r (read as that)", key.strip(), moved[key.strip()])
+        return f"{moved[key.strip()]}={value}"
+    return item
+
+
+def _moved_yaml(loaded, moved: dict[str, str], path: Path):
+    for old, new in moved.items():
+        value = OmegaConf.select(loaded, old, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        logger.warning("%s: config key %r is deprecated: use %r (read as that)", path, old, new)
+        parent, _, leaf = old.rpartition(".")
+        node = OmegaConf.select(loaded, parent) if parent else loaded
+        del node[leaf]
+        OmegaConf.update(loaded, new, value, force_add=True)
+    return loaded
+
+
+_ABSENT = object()
+
+
 def to_plain(config: Any) -> Any:
     """A config dataclass as plain dicts/lists/scalars, enums by value (as written in YAML files)."""
     if dataclasses.is_dataclass(config):
         return {f.name: to_plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, dict):
+        return {k: to_plain(v) for k, v in config.items()}
     if isinstance(config, (list, tuple)):
         return [to_plain(v) for v in config]
     if isinstance(config, enum.Enum):
@@ -151,17 +110,3 @@ def to_yaml(config: Any) -> str:
 def config_hash(config: Any) -> str:
     """Short stable hash of a resolved config, for stats files and manifests."""
     return hashlib.sha256(json.dumps(to_plain(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclasses.dataclass
-class ProcessConfig:
-    """``dreamstereo process``: the clip chain on one video, without Ray."""
-
-    decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
-    depth: DepthConfig = dataclasses.field(default_factory=DepthConfig)
-    disparity: DisparityConfig = dataclasses.field(default_factory=DisparityConfig)
-    pairs: PairConfig = dataclasses.field(default_factory=PairConfig)
-    quality: QualityConfig = dataclasses.field(default_factory=QualityConfig)
-    device: str = "cpu"  # where depth models run: cpu, cuda, cuda:1, ...
-
-

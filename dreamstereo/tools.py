@@ -8,6 +8,8 @@ outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import json
 import logging
 import time
@@ -17,14 +19,58 @@ import numpy as np
 import torch
 
 from dreamstereo import __version__
-from dreamstereo.config import DemoConfig, PbdpConfig, VideoOutput, config_hash, to_yaml
+from dreamstereo.config import ConfigError, config_hash, to_yaml
 from dreamstereo.io import media, preview
 from dreamstereo.stages import metrics
 from dreamstereo.stages.depth import DepthBackendName
-from dreamstereo.stages.warp import double_project, training_direction
-from dreamstereo.types import DoubleProjection
+from dreamstereo.stages.warp import WarpConfig, double_project, training_direction
+from dreamstereo.types import Direction, DoubleProjection
 
 logger = logging.getLogger(__name__)
+
+
+class VideoOutput(str, enum.Enum):
+    """How ``dreamstereo pbdp`` writes the views of a video input."""
+
+    LOSSLESS = "lossless"  # FFV1 in .mkv, bit-exact frames
+    PNG = "png"  # one PNG per frame in a folder per output
+
+
+@dataclasses.dataclass
+class PbdpConfig:
+    """``dreamstereo pbdp``: double projection of one image or video with a given disparity."""
+
+    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
+    direction: Direction = Direction.RIGHT  # where view 2 lies: right | left
+    disparity_scale: float | None = None  # pixels per stored unit (required for PNG, e.g. 1/256); None = 1
+    video_output: VideoOutput = VideoOutput.LOSSLESS  # lossless | png, for video inputs
+    preview_frame: int = 0  # frame of a video shown in preview.png
+    chunk_frames: int = 16  # frames of a video processed at once (memory ~ 100 MB per 16 frames at 720p)
+
+    def __post_init__(self):
+        if self.disparity_scale is not None and not self.disparity_scale > 0:
+            raise ConfigError(f"disparity_scale must be > 0, got {self.disparity_scale}")
+        if self.chunk_frames < 1:
+            raise ConfigError(f"chunk_frames must be >= 1, got {self.chunk_frames}")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """``dreamstereo demo``: make synthetic scenes and run the data chain and the Ray job on them."""
+
+    width: int = 320  # px
+    height: int = 192  # px
+    num_frames: int = 9  # frames of each scene video (= frames per clip)
+    num_videos: int = 4  # scene videos for the generation job (plus one corrupt file)
+    seed: int = 0  # scene layout and textures (video k uses seed + k)
+    fps: float = 12.0
+    synthesized_eye: Direction = Direction.RIGHT  # training pairs round-trip through the opposite view
+    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)
+
+    def __post_init__(self):
+        if self.width < 32 or self.height < 32 or self.num_frames < 1 or self.num_videos < 1:
+            raise ConfigError(f"demo size must be >= 32x32 with >= 1 frame, got "
+                              f"{self.width}x{self.height}x{self.num_frames}")
 
 
 class _PngWriter:

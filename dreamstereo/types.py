@@ -86,6 +86,14 @@ class DoubleProjection:
     mask1: torch.Tensor
 
 
+class DepthBackendName(str, enum.Enum):
+    """Where a clip's depth comes from (``stages/depth.py``)."""
+
+    ORACLE = "oracle"  # a disparity sidecar beside the video
+    DEPTH_ANYTHING_V2 = "depth-anything-v2"
+    DEPTHCRAFTER = "depthcrafter"
+
+
 class ErrorCode(str, enum.Enum):
     """Why a sample failed (a data problem, recorded per sample; infrastructure faults raise instead)."""
 

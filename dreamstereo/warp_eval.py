@@ -20,12 +20,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dreamstereo.config import ConfigError
 from dreamstereo.io import media
 from dreamstereo.stages import metrics
-from dreamstereo.stages.warp import double_project
+from dreamstereo.stages.warp import WarpConfig, double_project
 from dreamstereo.types import Direction, WarpMethod
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class WarpEvalConfig:
+    """``dreamstereo warp-eval``: mask quality of every warp method on real stereo pairs."""
+
+    warp: WarpConfig = dataclasses.field(default_factory=WarpConfig)  # delta / hole_margin for GAPW
+    methods: list[WarpMethod] = dataclasses.field(default_factory=lambda: list(WarpMethod))
+
+    def __post_init__(self):
+        if not self.methods:
+            raise ConfigError("methods must name at least one warp method")
 
 MIDDLEBURY_DISPARITY_SCALE = 0.5  # disp*.png stores 2 x disparity in pixels (half-size images)
 PAIR_FILES = ("view1.png", "view5.png", "disp1.png", "disp5.png")

@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from dreamstereo.config import ConfigError, PbdpConfig, WarpConfig, config_hash, load_config, schemas, to_yaml
+from dreamstereo.cli import SCHEMAS, schema
+from dreamstereo.config import ConfigError, config_hash, load_config, to_yaml
+from dreamstereo.pipeline.job import GenerateConfig
+from dreamstereo.stages.warp import WarpConfig
+from dreamstereo.tools import PbdpConfig
 from dreamstereo.types import Direction, WarpMethod
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -15,13 +19,41 @@ YAMLS = sorted(CONFIGS.rglob("*.yaml"))
 
 def test_every_config_folder_has_a_schema():
     assert YAMLS, "configs/ holds no YAML"
-    assert {p.parent.name for p in YAMLS} <= set(schemas())
+    assert {p.parent.name for p in YAMLS} <= set(SCHEMAS)
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=[str(p.relative_to(CONFIGS)) for p in YAMLS])
 def test_shipped_yaml_loads_against_its_schema(path):
-    cfg = load_config(schemas()[path.parent.name], [path])
-    assert isinstance(cfg, schemas()[path.parent.name])
+    cfg = load_config(schema(path.parent.name), [path])
+    assert isinstance(cfg, schema(path.parent.name))
+
+
+def test_every_command_schema_resolves_to_a_dataclass():
+    import dataclasses
+
+    for command in SCHEMAS:
+        assert dataclasses.is_dataclass(schema(command)), command
+
+
+def test_a_moved_key_keeps_working_with_a_deprecation_warning(tmp_path, caplog):
+    """`generate process.device=...` was accepted and never read (depth runs on resources.depth_device): it
+    is now read as resources.depth_device, from an override and from a YAML file, and says so."""
+    cfg = load_config(GenerateConfig, [], ["process.device=cuda:1"])
+    assert cfg.resources.depth_device == "cuda:1" and not hasattr(cfg.process, "device")
+    assert "'process.device' is deprecated: use 'resources.depth_device'" in caplog.text
+    caplog.clear()
+    path = tmp_path / "old.yaml"
+    path.write_text("process:\n  device: cuda\n  decode:\n    clip_frames: 9\n")
+    cfg = load_config(GenerateConfig, [path])
+    assert cfg.resources.depth_device == "cuda" and cfg.process.decode.clip_frames == 9
+    assert "deprecated" in caplog.text and str(path) in caplog.text
+    # the new key given too: the later source wins, as for any key
+    assert load_config(GenerateConfig, [path], ["resources.depth_device=cpu"]).resources.depth_device == "cpu"
+
+
+def test_a_key_no_command_reads_is_refused():
+    with pytest.raises(ConfigError, match="process.nonsense"):
+        load_config(GenerateConfig, [], ["process.nonsense=1"])
 
 
 def test_overrides_apply_with_types_and_enums():

@@ -28,20 +28,8 @@ from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
 from dreamstereo.io import media
 from dreamstereo.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.stages.depth import (
-    DepthBackendName,
-    DepthConfig,
-    load_backend,
-    oracle_disparity,
-)
-from dreamstereo.stages.stereo import (
-    DisparityRange,
-    StereoFormat,
-    blend,
-    compose,
-    crossfade,
-    inpaint_opencv,
-)
+from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity
+from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
 from dreamstereo.stages.warp import WarpConfig, warp
 from dreamstereo.types import Direction, ErrorCode, SampleError
 

@@ -29,6 +29,7 @@ from dreamstereo.io.storage import S3Config
 from dreamstereo.models.wan_inpaint import VAE_TEMPORAL
 from dreamstereo.stages.metrics import psnr, ssim
 from dreamstereo.stages.stereo import blend, inpaint_opencv
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +48,14 @@ class EvaluateConfig:
 
     def __post_init__(self):
         if self.max_samples < 1 or self.frames < 1:
-            raise ValueError(f"need max_samples >= 1 and frames >= 1, got {self.max_samples}, {self.frames}")
+            raise EvaluateInputError(f"need max_samples >= 1 and frames >= 1, got {self.max_samples}, {self.frames}")
 
 
 METHODS = ("sparse", "dense", "opencv")
+
+
+class EvaluateInputError(UserError, ValueError):
+    """Shards that cannot be evaluated (not PBDP pairs, no samples); says what to give instead."""
 
 
 def _pairs(shards: str, cfg: EvaluateConfig):
@@ -60,7 +65,7 @@ def _pairs(shards: str, cfg: EvaluateConfig):
         for raw in iter_raw_samples(url, cfg.s3):
             members = sample_members(raw)
             if "mask.npz" not in members or "warped.mp4" not in members:
-                raise ValueError(f"{url}: sample {raw['__key__']!r} is not a PBDP pair (no warped.mp4 / mask.npz); "
+                raise EvaluateInputError(f"{url}: sample {raw['__key__']!r} is not a PBDP pair (no warped.mp4 / mask.npz); "
                                  f"evaluate needs `generate mode=pairs` shards")
             sample = read_sample(members, raw["__key__"])
             t = min(len(sample.mask), cfg.frames)
@@ -116,7 +121,7 @@ def evaluate(checkpoint: str, shards: str, cfg: EvaluateConfig, *, json_out: str
         if len(tiles) < cfg.preview_samples:
             tiles.append((key, clean, warped, mask, outputs))
     if frames_total == 0:
-        raise ValueError(f"{shards}: no samples")
+        raise EvaluateInputError(f"{shards}: no samples")
     samples = len({r["key"] for r in rows})
     table = []
     for (method, variant), total in sums.items():

@@ -25,12 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamstereo.inference.sampler import (
-    dense_velocity,
-    flow_sigmas,
-    sample,
-    sparse_velocity,
-)
+from dreamstereo.inference.sampler import dense_velocity, flow_sigmas, sample, sparse_velocity
 from dreamstereo.inference.sasi import SasiConfig, SparseWanTransformer, token_mask
 from dreamstereo.models import wan_inpaint as wan
 

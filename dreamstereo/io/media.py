@@ -28,7 +28,7 @@ import numpy as np
 
 from dreamstereo.arrays import ArrayFile
 from dreamstereo.stages.decode import decodable_end_s, decodable_timestamps
-from dreamstereo.types import UNWRITABLE_ERRNOS, os_error_reason
+from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ DISPARITY_SUFFIXES = {".npy", ".npz", ".pfm", ".png"}
 MAX_DISPARITY_BYTES = 16 * 2**30  # declared data of a disparity file beyond which it is refused unread
 
 
-class MediaError(ValueError):
+class MediaError(UserError, ValueError):
     """A file that cannot be read or has the wrong content; the message names the file and the reason."""
 
 

@@ -26,10 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from dreamstereo.io import media
+from dreamstereo.types import UserError
 
 MEMBERS = ("rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json")
 RAW_MEMBERS = ("rgb.mp4", "json")  # `generate mode=raw`: clean clips for Stage 1 training
 FORMAT_VERSION = 1
+
+
+class SampleFormatError(UserError, ValueError):
+    """Sample members that do not make one sample (missing or disagreeing members); names the sample."""
 
 
 def make_key(source: str, clip_index: int) -> str:
@@ -67,7 +72,7 @@ def encode_sample(clean: np.ndarray, warped: np.ndarray, mask: np.ndarray, dispa
     """The members of one sample as bytes, keyed by extension (see the module docstring)."""
     t, h, w = mask.shape
     if clean.shape != (t, h, w, 3) or warped.shape != clean.shape or disparity.shape != (t, h, w):
-        raise ValueError(f"sample arrays disagree: clean {clean.shape}, warped {warped.shape}, "
+        raise SampleFormatError(f"sample arrays disagree: clean {clean.shape}, warped {warped.shape}, "
                          f"mask {mask.shape}, disparity {disparity.shape}")
     meta = {**meta, "format_version": FORMAT_VERSION}
     return {
@@ -96,7 +101,7 @@ def read_sample(members: Mapping[str, bytes], key: str = "") -> Sample:
     members = {k.lstrip("."): v for k, v in members.items()}
     missing = [m for m in MEMBERS if m not in members]
     if missing:
-        raise ValueError(f"sample {key or members.get('__key__', '?')!r} lacks members {missing}")
+        raise SampleFormatError(f"sample {key or members.get('__key__', '?')!r} lacks members {missing}")
     meta = json.loads(members["json"])
     with np.load(io.BytesIO(members["mask.npz"])) as z:
         shape = tuple(int(v) for v in z["shape"])
@@ -106,7 +111,7 @@ def read_sample(members: Mapping[str, bytes], key: str = "") -> Sample:
     clean = media.decode_video_bytes(members["rgb.mp4"])[:, : shape[1], : shape[2]]
     warped = media.decode_video_bytes(members["warped.mp4"])[:, : shape[1], : shape[2]]
     if clean.shape[:3] != shape or warped.shape[:3] != shape or disparity.shape != shape:
-        raise ValueError(f"sample {key!r}: members disagree: mask {shape}, rgb {clean.shape}, "
+        raise SampleFormatError(f"sample {key!r}: members disagree: mask {shape}, rgb {clean.shape}, "
                          f"warped {warped.shape}, disparity {disparity.shape}")
     return Sample(key or meta.get("key", ""), clean, warped, mask, disparity, meta)
 

@@ -33,12 +33,14 @@ import braceexpand
 
 from dreamstereo import __version__
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError, open_storage
+from dreamstereo.types import SampleStatus
 
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 STAGING_DIR = "_staging"
-STATUSES = ("ok", "rejected", "failed")
+# What a stored record may say (``pending`` exists only in flight).
+STATUSES = tuple(s.value for s in (SampleStatus.OK, SampleStatus.REJECTED, SampleStatus.FAILED))
 
 
 def shard_name(shard_id: int, suffix: str) -> str:

@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, os_error_reason
+from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage that cannot be used: unreachable endpoint, missing bucket, denied access, a missing key."""
 
 
@@ -267,11 +267,7 @@ class S3Storage:
 # ``StreamingBody.read``; the bare urllib3/socket ones escape when it reads the body of an error answer.
 def _stream_errors() -> tuple[type[BaseException], ...]:
     from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import (
-        IncompleteReadError,
-        ReadTimeoutError,
-        ResponseStreamingError,
-    )
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
     from urllib3.exceptions import ProtocolError
     from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
 

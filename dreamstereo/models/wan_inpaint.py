@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dreamstereo.types import UserError
+
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16  # Wan2.1 VAE latent channels
@@ -51,7 +53,7 @@ DOWNLOAD_HINT = ("a local diffusers-format Wan2.1-T2V-1.3B folder (with transfor
                  "or a model folder written by `dreamstereo export`")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A model folder that is missing or not in the expected layout; the message says what to provide."""
 
 

@@ -1,8 +1,9 @@
 """Thin Ray Data operators around the clip stages: batch (dict of numpy arrays) in, batch out.
 
-One row per clip flows through ``decode_batch`` (CPU: read the input, decode clips, oracle disparity) ->
-``DepthActor`` (loads a depth model once per actor; GPU in production) -> ``PairActor`` (disparity,
-PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
+The work on each clip is the clip chain (``clip.py``, shared with ``dreamstereo process``); these operators
+only carry it between processes. One row per clip flows through ``decode_batch`` (CPU: read the input,
+decode clips, oracle disparity) -> ``DepthActor`` (loads a depth model once per actor; GPU in production) ->
+``PairActor`` (disparity, PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
 storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
 ``reason``), a decoder crash included (the decode runs in a child process: pipeline/isolate.py); anything
@@ -25,13 +26,11 @@ import numpy as np
 
 from dreamstereo.io.sample import make_key
 from dreamstereo.io.shards import stage_sample
-from dreamstereo.io.sidecar import read_sidecar, sidecar_of
-from dreamstereo.io.storage import StorageError, open_storage, read_uri, uri_exists
-from dreamstereo.pipeline.isolate import decode_contained
-from dreamstereo.process import process_clip, raw_clip
+from dreamstereo.io.storage import StorageError, open_storage
+from dreamstereo.pipeline.clip import ClipResult, model_relative, oracle_relatives, pair_clip, raw_clip, read_input
 from dreamstereo.stages.decode import Clip, VideoProbe
-from dreamstereo.stages.depth import DepthBackendName, load_backend, oracle_for_clips
-from dreamstereo.types import ErrorCode, SampleError
+from dreamstereo.stages.depth import DepthBackendName, load_backend
+from dreamstereo.types import ErrorCode, SampleError, SampleStatus
 
 # Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
 INPUT_COLUMNS = ("shard", "input_index", "uri", "problem")  # problem: why a manifest row names no input
@@ -107,17 +106,15 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
         try:
             if isinstance(row["problem"], str) and row["problem"]:  # "" when the row is fine
                 raise SampleError(ErrorCode.INVALID_URI, "read", str(row["problem"]))
-            data = read_uri(str(row["uri"]), s3, max_bytes=cfg.decode.max_input_bytes)
-            probe, clips = decode_contained(data, cfg.decode)  # a decoder crash is a row, not a lost worker
-        except (SampleError, StorageError) as exc:
-            code = exc.code if isinstance(exc, SampleError) else ErrorCode.READ_FAILED
-            status = "rejected" if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL) else "failed"
-            out.append({**base, "clip_index": 0, "clips": 1, "status": status, "reason": code.value,
-                        "message": getattr(exc, "message", str(exc)), "frames": b"", "relative": b"",
+            probe, clips = read_input(str(row["uri"]), s3, cfg.decode)  # a decoder crash is a row, not a lost worker
+        except SampleError as exc:
+            result = ClipResult.from_error(str(row["uri"]), 0, exc)
+            out.append({**base, "clip_index": 0, "clips": 1, "status": result.status.value, "reason": result.reason,
+                        "message": result.message, "frames": b"", "relative": b"",
                         "clip_meta": "{}", "timings": json.dumps({"decode": time.perf_counter() - start})})
             continue
         oracle = cfg.depth.backend is DepthBackendName.ORACLE and not raw
-        relatives = _oracle(row, probe, clips, cfg, s3) if oracle else None
+        relatives = oracle_relatives(str(row["uri"]), s3, probe, clips, cfg.depth) if oracle else None
         seconds = (time.perf_counter() - start) / len(clips)
         for index, clip in enumerate(clips):
             relative = relatives[index] if relatives is not None else None
@@ -125,32 +122,12 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
             meta = {"indices": list(clip.indices), "fps": clip.fps, "bucket": list(clip.bucket),
                     "probe": {k: getattr(probe, k) for k in probe.__dataclass_fields__}}
             out.append({**base, "clip_index": index, "clips": len(clips),
-                        "status": "failed" if error else "pending", "reason": error.code.value if error else None,
+                        "status": (SampleStatus.for_error(error.code) if error else SampleStatus.PENDING).value,
+                        "reason": error.code.value if error else None,
                         "message": error.message if error else None, "frames": pack(clip.frames),
                         "relative": b"" if error or relative is None else pack(relative),
                         "clip_meta": json.dumps(meta), "timings": json.dumps({"decode": seconds})})
     return _rows_to_batch(out, DECODE_COLUMNS)
-
-
-def _oracle(row, probe, clips, cfg, s3) -> list:
-    """Per clip: the oracle disparity, or the SampleError that stands for it."""
-    sidecar_uri = sidecar_of(str(row["uri"]))
-    try:
-        sidecar = read_sidecar(sidecar_uri, s3, cfg.depth, probe)
-    except StorageError as exc:  # absent: a data problem; present but unreadable: maybe transient
-        absent = not _exists_or_unknown(sidecar_uri, s3)
-        code = ErrorCode.DEPTH_MISSING if absent else ErrorCode.READ_FAILED
-        sidecar = SampleError(code, "depth", f"disparity sidecar {sidecar_uri!r}: {exc}")
-    except SampleError as exc:
-        sidecar = exc
-    return oracle_for_clips(sidecar, clips, probe.frames, (probe.height, probe.width))
-
-
-def _exists_or_unknown(uri: str, s3) -> bool:
-    try:
-        return uri_exists(uri, s3)
-    except StorageError:
-        return True  # cannot even tell: treat as a transient read failure
 
 
 class Recycled:
@@ -181,13 +158,15 @@ class DepthActor(Recycled):
         self._count_batch()
         rows = _rows(batch)
         for row in rows:
-            if row["status"] != "pending":
+            if row["status"] != SampleStatus.PENDING.value:
                 continue
             start = time.perf_counter()
-            try:
-                row["relative"] = pack(self.backend(unpack(row["frames"])))
-            except SampleError as exc:
-                row["status"], row["reason"], row["message"] = "failed", exc.code.value, exc.message
+            relative = model_relative(self.backend, unpack(row["frames"]))
+            if isinstance(relative, SampleError):
+                row["status"], row["reason"], row["message"] = (SampleStatus.for_error(relative.code).value,
+                                                                relative.code.value, relative.message)
+            else:
+                row["relative"] = pack(relative)
             timings = json.loads(row["timings"])
             timings["depth"] = time.perf_counter() - start
             row["timings"] = json.dumps(timings)
@@ -212,17 +191,16 @@ class PairActor(Recycled):
                       "clip_index": index, "status": row["status"], "reason": row["reason"],
                       "message": row["message"], "frames": 0, "worker": f"{socket.gethostname()}:{os.getpid()}", "scores": {}}
             members = None
-            if row["status"] == "pending":
+            if row["status"] == SampleStatus.PENDING.value:
                 meta = json.loads(row["clip_meta"])
                 clip = Clip(unpack(row["frames"]), tuple(meta["indices"]), meta["fps"], tuple(meta["bucket"]))
                 probe = VideoProbe(**meta["probe"])
                 if self.raw:
                     result = raw_clip(clip, index, uri, probe, self.cfg)
                 else:
-                    result = process_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
-                                          self.depth_weights)
-                status = "ok" if result.status == "kept" else result.status
-                record.update(status=status, reason=result.reason, message=None, scores=result.scores,
+                    result = pair_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
+                                       self.depth_weights)
+                record.update(status=result.status.value, reason=result.reason, message=None, scores=result.scores,
                               frames=len(clip.indices))
                 members = result.members
                 timings["pair"] = time.perf_counter() - start

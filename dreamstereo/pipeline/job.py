@@ -19,37 +19,17 @@ import json
 import logging
 import os
 import time
+import typing
 
 from dreamstereo import __version__
-from dreamstereo.config import ProcessConfig, config_hash, to_yaml
-from dreamstereo.io.shards import (
-    STAGING_DIR,
-    commit_staged,
-    committed_shards,
-    shard_name,
-)
-from dreamstereo.io.storage import (
-    S3Config,
-    StorageError,
-    UnwritableStorageError,
-    open_storage,
-)
-from dreamstereo.pipeline.actors import (
-    CONTRACT,
-    INPUT_COLUMNS,
-    DepthActor,
-    PairActor,
-    WriteActor,
-    decode_batch,
-)
-from dreamstereo.pipeline.manifest import (
-    InputConfig,
-    check_input_access,
-    read_inputs,
-    split_shards,
-)
+from dreamstereo.config import config_hash, to_plain, to_yaml
+from dreamstereo.io.shards import STAGING_DIR, STATUSES, commit_staged, committed_shards, shard_name
+from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
+from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
+from dreamstereo.pipeline.clip import ClipConfig
+from dreamstereo.pipeline.manifest import InputConfig, check_input_access, read_inputs, split_shards
 from dreamstereo.stages.depth import DepthBackendName
-from dreamstereo.types import RETRYABLE_CODES, original_error
+from dreamstereo.types import RETRYABLE_CODES, SampleStatus, UserError, original_error
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +83,15 @@ class GenerateConfig:
 
     mode: GenerateMode = GenerateMode.PAIRS
     input: InputConfig = dataclasses.field(default_factory=InputConfig)
-    process: ProcessConfig = dataclasses.field(default_factory=ProcessConfig)
+    process: ClipConfig = dataclasses.field(default_factory=ClipConfig)
     s3: S3Config = dataclasses.field(default_factory=S3Config)
     resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
     shard_size: int = 16  # inputs per shard
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
     progress_every_s: float = 30.0  # a progress line at least this often (0: only when a shard commits)
+
+    # `process.device` was accepted and never read (depth runs where resources.depth_device says).
+    MOVED_KEYS: typing.ClassVar[dict[str, str]] = {"process.device": "resources.depth_device"}
 
     def __post_init__(self):
         if self.resources.decode_num_cpus in (self.resources.depth_num_cpus, self.resources.pair_num_cpus):
@@ -230,11 +213,18 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
 FINGERPRINT = "_inputs.json"  # what the shards of this output were cut from
 
 
+class OutputConflict(UserError, ValueError):
+    """An output that holds shards of another job (other inputs, shard size or stage settings)."""
+
+
 def input_fingerprint(inputs, cfg: GenerateConfig) -> str:
     """Hash of everything that decides which samples a shard id holds: the ordered input URIs, the
     shard size, the mode and the stage settings (not resources, storage or the Ray address)."""
+    # The stage settings are hashed as they were when `process:` also held `device` (always "cpu" there), so
+    # outputs begun by earlier versions still resume.
+    process = {**to_plain(cfg.process), "device": "cpu"}
     payload = json.dumps({"uris": [v.uri for v in inputs], "shard_size": cfg.shard_size,
-                          "mode": cfg.mode.value, "process": config_hash(cfg.process)})
+                          "mode": cfg.mode.value, "process": config_hash(process)})
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -246,7 +236,7 @@ def _claim_output(storage, inputs, cfg: GenerateConfig) -> None:
     if storage.exists(FINGERPRINT):
         recorded = json.loads(storage.read_bytes(FINGERPRINT))
         if recorded.get("fingerprint") != fingerprint:
-            raise ValueError(
+            raise OutputConflict(
                 f"output {storage.uri!r} holds shards cut from another input list, shard size or stage settings "
                 f"({recorded.get('inputs')} inputs, shard_size {recorded.get('shard_size')}); resume with the same "
                 f"command, or write to a new output")
@@ -401,7 +391,7 @@ def _has_retryable_failure(storage, shard: int) -> bool:
 
     rows = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(shard, "parquet")))).to_pylist()
     retryable = {code.value for code in RETRYABLE_CODES}
-    return any(r.get("status") == "failed" and r.get("reason") in retryable for r in rows)
+    return any(r.get("status") == SampleStatus.FAILED.value and r.get("reason") in retryable for r in rows)
 
 
 def _recorded_summary(storage, cfg, shards: int) -> dict | None:
@@ -424,7 +414,7 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         stats = json.loads(storage.read_bytes(shard_name(k, "stats.json")))
         entries.append({"shard": k, "path": shard_name(k, "tar"), "num_samples": stats["samples"],
                         "bytes": stats["tar_bytes"], "sha256": stats["tar_sha256"]})
-        for key in ("count", "samples", "ok", "rejected", "failed"):
+        for key in ("count", "samples", *STATUSES):
             totals[key] += stats[key]
         reasons.update(stats["reasons"])
         stage_seconds.update(stats.get("seconds_per_stage", {}))

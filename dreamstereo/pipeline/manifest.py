@@ -18,16 +18,14 @@ import posixpath
 import re
 from pathlib import Path
 
-from dreamstereo.io.storage import (
-    S3Config,
-    StorageError,
-    check_input_uri,
-    open_storage,
-    uri_exists,
-)
-from dreamstereo.types import SampleError
+from dreamstereo.io.storage import S3Config, StorageError, check_input_uri, open_storage, uri_exists
+from dreamstereo.types import SampleError, UserError
 
 logger = logging.getLogger(__name__)
+
+
+class ManifestError(UserError, ValueError):
+    """An input list (folder, glob, CSV or parquet manifest, filters) that cannot be used; the message says why."""
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 _OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
@@ -59,7 +57,7 @@ def parse_filter(text: str):
     """``"column>=value"`` -> (column, comparison, number); ValueError naming the filter otherwise."""
     match = _FILTER.match(text)
     if not match:
-        raise ValueError(f"input filter {text!r} must look like 'column>=number' (ops: {', '.join(_OPS)})")
+        raise ManifestError(f"input filter {text!r} must look like 'column>=number' (ops: {', '.join(_OPS)})")
     column, op, value = match.groups()
     return column, _OPS[op], float(value)
 
@@ -83,7 +81,7 @@ def read_inputs(source: str, cfg: InputConfig, s3: S3Config | None = None) -> li
         videos = _read_table(source, cfg, filters, s3)
     else:
         if filters:
-            raise ValueError("input filters need a CSV or parquet manifest with the filtered columns")
+            raise ManifestError("input filters need a CSV or parquet manifest with the filtered columns")
         videos = [InputVideo(uri, {}) for uri in _list_videos(source, s3)]
     if not videos:
         raise StorageError(f"no input videos found in {source!r}")
@@ -126,18 +124,18 @@ def _read_table(source: str, cfg: InputConfig, filters, s3: S3Config | None) -> 
     try:
         table = pq.read_table(data) if parquet else pacsv.read_csv(data)
     except (pa.ArrowException, OSError) as exc:  # empty, ragged, not CSV/parquet at all
-        raise ValueError(f"manifest {source!r} cannot be read as {'parquet' if parquet else 'CSV'}: "
+        raise ManifestError(f"manifest {source!r} cannot be read as {'parquet' if parquet else 'CSV'}: "
                          f"{str(exc).splitlines()[0]}") from None
     columns = set(table.column_names)
     if cfg.path_column not in columns:
-        raise ValueError(f"manifest {source!r} has no column {cfg.path_column!r} (columns: {sorted(columns)}); "
+        raise ManifestError(f"manifest {source!r} has no column {cfg.path_column!r} (columns: {sorted(columns)}); "
                          f"set input.path_column")
     for column, _, _ in filters:
         if column not in columns:
-            raise ValueError(f"input filter on {column!r}: manifest {source!r} has no such column")
+            raise ManifestError(f"input filter on {column!r}: manifest {source!r} has no such column")
         kind = table.schema.field(column).type
         if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)):
-            raise ValueError(f"input filter on {column!r}: column {column!r} of manifest {source!r} holds {kind}, "
+            raise ManifestError(f"input filter on {column!r}: column {column!r} of manifest {source!r} holds {kind}, "
                              f"not numbers")
     out = []
     for number, row in enumerate(table.to_pylist(), start=1):
@@ -183,7 +181,7 @@ def _inside(uri: str, base: str) -> bool:
 def split_shards(videos: list[InputVideo], shard_size: int) -> list[list[InputVideo]]:
     """Consecutive groups of ``shard_size`` inputs; shard ``k`` always holds the same inputs."""
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise ManifestError(f"shard_size must be >= 1, got {shard_size}")
     return [videos[i:i + shard_size] for i in range(0, len(videos), shard_size)]
 
 

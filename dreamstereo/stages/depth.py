@@ -18,7 +18,6 @@ loads its model once in ``__init__`` (on the device its caller chose) and is cal
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 
 import cv2
@@ -27,19 +26,13 @@ import torch
 
 from dreamstereo.arrays import ArrayFile, ArrayFileError
 from dreamstereo.stages.weights import DepthWeightsError, load_pretrained  # noqa: F401 (DepthWeightsError: public here)
-from dreamstereo.types import ErrorCode, SampleError
+from dreamstereo.types import DepthBackendName, ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
 STAGE = "depth"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DepthBackendName(str, enum.Enum):
-    ORACLE = "oracle"
-    DEPTH_ANYTHING_V2 = "depth-anything-v2"
-    DEPTHCRAFTER = "depthcrafter"
 
 
 DEFAULT_WEIGHTS = {DepthBackendName.DEPTH_ANYTHING_V2: "depth-anything/Depth-Anything-V2-Small-hf",

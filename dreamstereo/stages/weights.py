@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dreamstereo.types import UserError
 
-class DepthWeightsError(RuntimeError):
+
+class DepthWeightsError(UserError, RuntimeError):
     """Model weights that cannot be loaded: not a local folder, and not downloadable from here."""
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from dreamstereo.io.storage import S3Config, StorageError, open_storage
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
-class CheckpointConflict(ValueError):
+class CheckpointConflict(UserError, ValueError):
     """A new run pointed at a store that holds another run's checkpoints."""
 
 

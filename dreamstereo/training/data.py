@@ -45,11 +45,12 @@ from dreamstereo.io.shards import iter_raw_samples, sample_members
 from dreamstereo.io.storage import S3Config, StorageError
 from dreamstereo.stages.decode import resize_center_crop
 from dreamstereo.training.masks import MaskConfig, random_video_mask
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class TrainDataError(ValueError):
+class TrainDataError(UserError, ValueError):
     """Shards that cannot give a single training batch (no samples, every clip too short); says what to change."""
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dreamstereo.config import to_plain
 from dreamstereo.training.config import TrainConfig
-from dreamstereo.types import original_error
+from dreamstereo.types import UserError, original_error
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +61,18 @@ def driver_prompt_embedding(cfg: TrainConfig) -> tuple | None:
 
 
 def setup_error(exc: BaseException) -> Exception | None:
-    """The first setup error (bad input, with a one-line message) a worker raised, unwrapped from Ray's
-    wrappers (Ray Train V2's ``WorkerGroupError`` among them); None when the failure is something else."""
-    from dreamstereo.training.train import RUN_ERRORS
-
-    return original_error(exc, RUN_ERRORS)
+    """The first user error (bad input, a bad setting, a diverged run: the ones the CLI maps to exit 2 with one
+    line) a worker raised, unwrapped from Ray's wrappers (Ray Train V2's ``WorkerGroupError`` among them);
+    None when the failure is something else (a bug: it keeps its traceback)."""
+    return original_error(exc, UserError)
 
 
 def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None) -> dict:
     """Run ``cfg`` on ``cfg.ray.num_workers`` Ray Train workers; returns ``{"step", "loss"}`` of the run.
 
     Raises:
-        WeightsError, StorageError, TrainSetupError, CheckpointConflict, TrainDataError, TrainingDiverged
-            (``train.RUN_ERRORS``): bad input or a diverged run, found on the driver or in a worker.
+        UserError (WeightsError, StorageError, TrainSetupError, CheckpointConflict, TrainDataError,
+            TrainingDiverged): bad input or a diverged run, found on the driver or in a worker.
         RuntimeError: a worker failed otherwise (the message carries the worker's error).
     """
     import ray

@@ -30,31 +30,20 @@ from dreamstereo.io.storage import StorageError
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.config import LrDecay, Precision, TrainConfig
-from dreamstereo.training.data import (
-    TrainBatches,
-    TrainDataError,
-    _seed,
-    frames_to_video,
-    validation_batches,
-)
+from dreamstereo.training.data import TrainBatches, _seed, frames_to_video, validation_batches
 from dreamstereo.training.objective import flow_matching_loss, sample_sigmas
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class TrainSetupError(ValueError):
+class TrainSetupError(UserError, ValueError):
     """A run that cannot start (a location not set, a batch size that does not split); says what to set."""
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss or the gradient norm of a step is not finite: the run stops before that step's update, so no
     checkpoint with NaN or infinite weights is ever committed; says what to change."""
-
-
-# What ends a run as bad input or a bad setting (one line, exit status 2 at the CLI, also out of Ray workers);
-# anything else is a bug and keeps its traceback.
-RUN_ERRORS = (wan.WeightsError, StorageError, TrainSetupError, ckpt.CheckpointConflict, TrainDataError,
-              TrainingDiverged)
 
 
 # ----------------------------------------------------------------------------------------------------

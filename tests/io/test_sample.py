@@ -6,14 +6,7 @@ import numpy as np
 import pytest
 
 from dreamstereo.io import media
-from dreamstereo.io.sample import (
-    MEMBERS,
-    encode_sample,
-    make_key,
-    read_sample,
-    read_sample_files,
-    write_sample_files,
-)
+from dreamstereo.io.sample import MEMBERS, encode_sample, make_key, read_sample, read_sample_files, write_sample_files
 from dreamstereo.scenes import demo_scene
 from dreamstereo.stages.metrics import psnr
 

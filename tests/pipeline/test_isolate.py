@@ -74,6 +74,7 @@ def test_a_decoder_that_overruns_is_killed_and_recorded(tmp_path):
 
 _CRASH_SCRIPT = """
 import os, sys
+import dreamstereo.pipeline.clip  # what `process` and the Ray decode task have loaded (torch among them)
 from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.stages.decode import DecodeConfig
 from dreamstereo.types import SampleError

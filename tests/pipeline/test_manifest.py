@@ -7,12 +7,7 @@ from pathlib import Path
 import pytest
 
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError
-from dreamstereo.pipeline.manifest import (
-    InputConfig,
-    parse_filter,
-    read_inputs,
-    split_shards,
-)
+from dreamstereo.pipeline.manifest import InputConfig, parse_filter, read_inputs, split_shards
 
 OPENVID_CSV = (
     "video,caption,aesthetic score,motion score,temporal consistency score,camera motion,frame,fps,seconds\n"

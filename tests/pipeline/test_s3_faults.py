@@ -116,8 +116,8 @@ def test_training_reader_gets_every_sample_once_through_faults(s3_bucket, s3_env
     opener) streams each shard through resets and stalls: every sample exactly once, bytes as stored."""
     import webdataset as wds
 
-    from dreamstereo.io.storage import register_webdataset_s3
     from dreamstereo.io.shards import iter_raw_samples, resolve_shards
+    from dreamstereo.io.storage import register_webdataset_s3
     from tests.training.shards import write_shards
 
     clean = S3Config(endpoint_url=s3_env)

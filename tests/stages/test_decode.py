@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamstereo.stages.decode import DecodeConfig, choose_bucket, decode_clips, plan_clips, probe_video, resize_center_crop
+from dreamstereo.stages.decode import (
+    DecodeConfig,
+    choose_bucket,
+    decode_clips,
+    plan_clips,
+    probe_video,
+    resize_center_crop,
+)
 from dreamstereo.stages.depth import oracle_for_clips
 from dreamstereo.types import ErrorCode, SampleError
 from tests.videos import moving_pattern, write_audio_only, write_video, write_video_with_phantom_frame

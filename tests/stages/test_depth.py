@@ -8,10 +8,18 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from dreamstereo.stages.depth import (DepthAnythingV2, DepthBackendName, DepthConfig, DepthWeightsError,
-                                      align_scale_shift, load_backend, oracle_disparity, parse_sidecar,
-                                      resize_maps)
 from dreamstereo.stages.decode import resize_center_crop
+from dreamstereo.stages.depth import (
+    DepthAnythingV2,
+    DepthBackendName,
+    DepthConfig,
+    DepthWeightsError,
+    align_scale_shift,
+    load_backend,
+    oracle_disparity,
+    parse_sidecar,
+    resize_maps,
+)
 from dreamstereo.types import ErrorCode, SampleError
 
 

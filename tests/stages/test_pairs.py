@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from dreamstereo.scenes import step_scene
-from dreamstereo.stages.warp import double_project
 from dreamstereo.stages.pairs import PairConfig, make_pair
+from dreamstereo.stages.warp import double_project
 from dreamstereo.types import Direction
 
 
