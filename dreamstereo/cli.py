@@ -26,14 +26,14 @@ logger = logging.getLogger("dreamstereo")
 
 # Command -> "module:Class" of the schema its config files and overrides fill (``configs/<command>/*.yaml``).
 SCHEMAS = {
-    "pbdp": "dreamstereo.tools:PbdpConfig",
+    "pbdp": "dreamstereo.pbdp:PbdpConfig",
     "process": "dreamstereo.pipeline.process:ProcessConfig",
     "generate": "dreamstereo.pipeline.job:GenerateConfig",
     "warp-eval": "dreamstereo.warp_eval:WarpEvalConfig",
     "convert": "dreamstereo.inference.convert:ConvertConfig",
     "train": "dreamstereo.training.config:TrainConfig",
     "evaluate": "dreamstereo.inference.evaluate:EvaluateConfig",
-    "demo": "dreamstereo.tools:DemoConfig",
+    "demo": "dreamstereo.demo:DemoConfig",
 }
 DEPTH_CHOICES = [name.value for name in DepthBackendName]
 
@@ -180,7 +180,7 @@ def _check_output_file(path: str) -> None:
 
 
 def _cmd_pbdp(args) -> int:
-    from dreamstereo.tools import run_pbdp
+    from dreamstereo.pbdp import run_pbdp
 
     overrides = [f"direction={args.direction}"] if args.direction else []
     overrides += [f"disparity_scale={args.disparity_scale}"] if args.disparity_scale is not None else []
@@ -231,7 +231,7 @@ def _cmd_warp_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from dreamstereo.tools import run_demo
+    from dreamstereo.demo import run_demo
 
     cfg = _load("demo", args)
     _check_output_folder(args.out)

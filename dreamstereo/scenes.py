@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from dreamstereo.io import media
 from dreamstereo.types import Direction
 
 
@@ -222,10 +224,6 @@ def write_scene(scene: Scene, path, *, fps: float = 12.0) -> tuple[str, str]:
     The sidecar holds one array ``disparity``, ``(T, H, W)`` float32, the format the oracle depth
     backend reads. Returns the two paths.
     """
-    from pathlib import Path
-
-    from dreamstereo.io import media
-
     path = Path(path)
     media.write_video(path, scene.frames_uint8(), fps)
     sidecar = path.with_name(f"{path.stem}.disparity.npz")

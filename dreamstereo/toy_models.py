@@ -2,6 +2,7 @@
 
 Used by the tests (toy sizes, seconds on a CPU) and the benchmarks (toy or published sizes, to time
 compute without downloading weights). Their outputs mean nothing; their code paths are the real ones.
+Each builder imports its library (transformers, diffusers) itself: those take seconds to import.
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ import pytest
 
 from dreamstereo.cli import SCHEMAS, schema
 from dreamstereo.config import ConfigError, config_hash, load_config, to_yaml
+from dreamstereo.pbdp import PbdpConfig
 from dreamstereo.pipeline.job import GenerateConfig
 from dreamstereo.stages.warp import WarpConfig
-from dreamstereo.tools import PbdpConfig
 from dreamstereo.types import Direction, WarpMethod
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

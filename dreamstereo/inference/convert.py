@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dreamstereo import __version__
 from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig
 from dreamstereo.io import media
+from dreamstereo.io.preview import colourize_disparity, contact_sheet, overlay_mask
 from dreamstereo.io.sidecar import read_sidecar, sidecar_of
 from dreamstereo.stages.depth import DepthBackendName, DepthConfig, load_backend, oracle_disparity
 from dreamstereo.stages.stereo import DisparityRange, StereoFormat, blend, compose, crossfade, inpaint_opencv
@@ -84,8 +86,6 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
     Raises:
         MediaError: unreadable input, no video stream, an oracle sidecar that does not fit.
     """
-    from tqdm import tqdm
-
     source, output = Path(source), Path(output)
     info = media.probe_video(source)  # MediaError: missing, unreadable, no video stream
     total = min(info.frames, cfg.frames) if cfg.frames else info.frames
@@ -171,8 +171,6 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
         "wall_seconds": round(wall, 2), "config": to_plain(cfg),
     }
     if preview and sheet_tiles is not None:
-        from dreamstereo.io.preview import contact_sheet
-
         media.write_image(preview, contact_sheet(sheet_tiles, columns=2))
         record["preview"] = str(preview)
     media.write_text(f"{output}.json", json.dumps(record, indent=2))
@@ -206,8 +204,6 @@ def _depth_source(source: Path, info: media.VideoInfo, cfg: ConvertConfig):
 
 
 def _preview_tiles(frame, norm, mask, left, right) -> list[tuple[str, np.ndarray]]:
-    from dreamstereo.io.preview import colourize_disparity, overlay_mask
-
     return [("input", frame), ("disparity", colourize_disparity(norm)), ("holes to inpaint", overlay_mask(
         frame if left is frame else right, mask)), ("left", left), ("right", right),
         ("anaglyph", compose(left[None], right[None], StereoFormat.ANAGLYPH)[0])]

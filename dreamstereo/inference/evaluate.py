@@ -22,7 +22,9 @@ import numpy as np
 from dreamstereo import __version__
 from dreamstereo.config import to_plain
 from dreamstereo.inference.inpaint import InpaintConfig, StereoInpainter
+from dreamstereo.inference.lpips import Lpips
 from dreamstereo.io import media
+from dreamstereo.io.preview import contact_sheet, overlay_mask
 from dreamstereo.io.sample import read_sample
 from dreamstereo.io.shards import iter_raw_samples, resolve_shards, sample_members
 from dreamstereo.io.storage import S3Config
@@ -91,8 +93,6 @@ def evaluate(checkpoint: str, shards: str, cfg: EvaluateConfig, *, json_out: str
     inpainter = StereoInpainter(checkpoint, cfg.model, cfg.device)
     lpips = None
     if cfg.lpips_weights:
-        from dreamstereo.inference.lpips import Lpips
-
         lpips = Lpips(cfg.lpips_weights, device=cfg.device)
     else:
         echo("evaluate: LPIPS not computed (no local backbone weights: set lpips_weights=PATH)")
@@ -165,8 +165,6 @@ def format_table(table: list[dict], with_lpips: bool) -> str:
 
 
 def _contact_sheet(tiles) -> np.ndarray:
-    from dreamstereo.io.preview import contact_sheet, overlay_mask
-
     cells = []
     for key, clean, warped, mask, outputs in tiles:
         k = len(mask) // 2

@@ -30,6 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import braceexpand
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
 
 from dreamstereo import __version__
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError, open_storage
@@ -87,8 +90,6 @@ class ShardWriter:
 
     def add(self, record: dict, members: dict[str, bytes] | None = None) -> None:
         """Record one input clip (or input); write its members to the tar when it was kept."""
-        import webdataset as wds
-
         if record.get("status") not in STATUSES:
             raise ValueError(f"record status must be one of {STATUSES}, got {record.get('status')!r}")
         if members is not None:
@@ -106,11 +107,7 @@ class ShardWriter:
             self._dir.cleanup()  # the local tar also goes when the upload fails
 
     def _commit(self, timings: dict[str, float] | None) -> dict:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         if self._tar is None:  # an empty shard still gets a (valid, empty) tar
-            import webdataset as wds
 
             self._tar = wds.TarWriter(str(self._tar_path), mtime=0)  # no wall clock: same samples, same bytes
         self._tar.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import io
 import logging
 import os
@@ -30,6 +31,18 @@ import stat
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    IncompleteReadError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from urllib3.exceptions import ProtocolError
+from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
 
 from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, UserError, os_error_reason
 
@@ -168,8 +181,6 @@ class S3Storage:
 
     def _describe(self, exc) -> str:
         """A one-line reason from a botocore error (no request headers, so no credentials)."""
-        from botocore.exceptions import ClientError
-
         if isinstance(exc, ClientError):
             err = exc.response.get("Error", {})
             return f"{err.get('Code', '?')}: {err.get('Message', '')}".strip()
@@ -177,8 +188,6 @@ class S3Storage:
 
     def check(self) -> None:
         """Fail fast (before any work) when the bucket is unreachable, missing or not accessible."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
@@ -193,7 +202,7 @@ class S3Storage:
         self._call("put_object", key, Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def upload_file(self, key: str, local: str | Path) -> None:
-        from boto3.s3.transfer import TransferConfig
+        from boto3.s3.transfer import TransferConfig  # local, like every boto3 import: see _cached_client
 
         part = self.cfg.multipart_threshold_mb * 1024 * 1024
         config = TransferConfig(multipart_threshold=part, multipart_chunksize=part, use_threads=False)
@@ -217,8 +226,6 @@ class S3Storage:
         return _ResumingBody(self, key)
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
@@ -236,8 +243,6 @@ class S3Storage:
         return int(self._call("head_object", key, Bucket=self.bucket, Key=self._key(key))["ContentLength"])
 
     def list(self, prefix: str = "") -> list[str]:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         start = self._key(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
@@ -254,8 +259,7 @@ class S3Storage:
         self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
 
     def _call(self, method: str, key: str, **kwargs):
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
+        from boto3.exceptions import S3UploadFailedError  # local: see _cached_client
 
         try:
             return getattr(self.client, method)(**kwargs)
@@ -266,11 +270,6 @@ class S3Storage:
 # A dropped or stalled connection while a GetObject body is read: botocore wraps urllib3's errors in
 # ``StreamingBody.read``; the bare urllib3/socket ones escape when it reads the body of an error answer.
 def _stream_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-    from urllib3.exceptions import ProtocolError
-    from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
-
     return (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, BotoConnectionError, ProtocolError,
             URLLib3ReadTimeoutError, ConnectionError, TimeoutError)
 
@@ -340,7 +339,6 @@ class _ResumingBody(io.RawIOBase):
             self._get()
         data = self._body.read(size)
         if size > 0 and not data:  # botocore checks Content-Length; this keeps a short body from passing as EOF
-            from botocore.exceptions import IncompleteReadError
 
             raise IncompleteReadError(actual_bytes=self._offset, expected_bytes=self._size)
         self._offset += len(data)
@@ -416,17 +414,14 @@ _CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 
 def _credential_env_digest() -> str:
     """A digest of the credential-chain environment: a changed key gets a new client, not a stale one."""
-    import hashlib
-
     return hashlib.sha256("\0".join(os.environ.get(k, "") for k in _CREDENTIAL_ENV).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_client(settings: tuple, env_digest: str):
-    import boto3
+    import boto3  # local: boto3 takes about 1 s to import and only S3 storage needs it
 
     cfg = S3Config(**dict(settings))
-    from botocore.config import Config
 
     session = boto3.session.Session(profile_name=cfg.profile) if cfg.profile else boto3.session.Session()
     config = Config(retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
@@ -448,8 +443,7 @@ def open_storage(uri: str, s3: S3Config | None = None):
 
 def register_webdataset_s3(s3: S3Config | None = None) -> None:
     """Let webdataset open ``s3://bucket/key`` URLs through boto3 (webdataset 1.0 has no S3 reader)."""
-    import webdataset
-
+    import webdataset  # local: webdataset imports torch (~1 s), and only its readers of s3:// URLs need this
     def opener(url, mode="rb", bufsize=8192, **_):
         parsed = urlparse(url)
         storage = S3Storage(f"s3://{parsed.netloc}", s3)

@@ -30,9 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from dreamstereo.types import UserError
 
+# diffusers, peft and transformers are imported inside the functions that build or adapt models: together they
+# take seconds to import, and this module's constants and errors are also read by config loading and the CLI.
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16  # Wan2.1 VAE latent channels
@@ -361,15 +365,11 @@ def compute_prompt_embedding(folder: str | Path, *, prompt: str = "", max_len: i
 
 
 def save_prompt_embedding(path: str | Path, embedding: torch.Tensor, *, source: str) -> None:
-    from safetensors.torch import save_file
-
     save_file({"prompt_embedding": embedding.float().contiguous()}, str(path), metadata={"source": source})
 
 
 def load_prompt_embedding(path: str | Path) -> tuple[torch.Tensor, str]:
     """``(embedding (1, L, text_dim) float32, source)`` from a ``prompt_embedding.safetensors``."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as fh:
         return fh.get_tensor("prompt_embedding"), (fh.metadata() or {}).get("source", "?")
 

@@ -15,11 +15,15 @@ import collections
 import dataclasses
 import enum
 import hashlib
+import io
 import json
 import logging
 import os
 import time
 import typing
+
+import pyarrow.parquet as pq
+import ray
 
 from dreamstereo import __version__
 from dreamstereo.config import config_hash, to_plain, to_yaml
@@ -102,8 +106,6 @@ class GenerateConfig:
 
 
 def _init_ray(address: str | None):
-    import ray
-
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
@@ -117,8 +119,6 @@ def _init_ray(address: str | None):
 def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
     """The Ray Data graph over ``items`` (one per input: shard, input_index, uri); kept samples are
     staged in ``output``'s storage by the last operator."""
-    import ray
-
     res = cfg.resources
     raw = cfg.mode is GenerateMode.RAW
     model_depth = not raw and cfg.process.depth.backend is not DepthBackendName.ORACLE
@@ -249,8 +249,6 @@ def _stream(ds, shards, pending, output, cfg, echo, already: int) -> list[int]:
     """Route finished records to their shard; when all inputs of a shard are accounted for, hand the
     shard to a commit task (sample bytes stay in the workers and the output storage). A sample the output
     refused to stage, or a commit it refused (full, read-only), stops the job with that StorageError."""
-    import ray
-
     # Per-shard state lives only while a shard is open, so the driver does not grow with the corpus.
     records: dict[int, list[dict]] = {}
     clips_seen: dict[int, collections.Counter] = {}  # shard -> input index -> clips arrived
@@ -385,10 +383,6 @@ def _clear_staging(storage, committed: set[int]) -> None:
 
 
 def _has_retryable_failure(storage, shard: int) -> bool:
-    import io
-
-    import pyarrow.parquet as pq
-
     rows = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(shard, "parquet")))).to_pylist()
     retryable = {code.value for code in RETRYABLE_CODES}
     return any(r.get("status") == SampleStatus.FAILED.value and r.get("reason") in retryable for r in rows)

@@ -18,6 +18,10 @@ import posixpath
 import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
 from dreamstereo.io.storage import S3Config, StorageError, check_input_uri, open_storage, uri_exists
 from dreamstereo.types import SampleError, UserError
 
@@ -109,10 +113,6 @@ def _list_videos(source: str, s3: S3Config | None) -> list[str]:
 
 
 def _read_table(source: str, cfg: InputConfig, filters, s3: S3Config | None) -> list[InputVideo]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     if source.startswith("s3://"):
         bucket_uri, _, key = source[len("s3://"):].partition("/")
         data = io.BytesIO(open_storage(f"s3://{bucket_uri}", s3).read_bytes(key))

@@ -23,6 +23,9 @@ import logging
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from transformers import CLIPVisionModelWithProjection
 
 from dreamstereo.stages.weights import load_pretrained
 from dreamstereo.types import ErrorCode, SampleError
@@ -43,8 +46,6 @@ class PerFrameContext:
     """
 
     def __init__(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.inner = AttnProcessor2_0()
         self.context: torch.Tensor | None = None
 
@@ -72,9 +73,6 @@ class DepthCrafter:
     def __init__(self, weights: str, base_weights: str, *, device: str | torch.device = "cpu",
                  steps: int = 5, window: int = 110, overlap: int = 25, max_resolution: int = 1024,
                  noise_aug_strength: float = 0.02, seed: int = 42, chunk: int = 8, fp16: bool = False):
-        from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
-        from transformers import CLIPVisionModelWithProjection
-
         if not 0 <= overlap < window:
             raise ValueError(f"depthcrafter: need 0 <= overlap < window, got overlap={overlap}, window={window}")
         self.unet = load_pretrained(UNetSpatioTemporalConditionModel, weights, "depthcrafter UNet")

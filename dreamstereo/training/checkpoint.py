@@ -44,8 +44,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from dreamstereo.io.storage import S3Config, StorageError, open_storage
+from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
@@ -326,9 +329,6 @@ def load_tensors(folder: Path, name: str, uri: str) -> dict[str, torch.Tensor]:
     Raises:
         CheckpointError: missing or not a safetensors file.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(folder / name))
     except FileNotFoundError:
@@ -343,10 +343,6 @@ def load_prompt(folder: Path, uri: str) -> tuple[torch.Tensor, str]:
     Raises:
         CheckpointError: missing or not a prompt-embedding safetensors file.
     """
-    from safetensors import SafetensorError
-
-    from dreamstereo.models import wan_inpaint as wan
-
     name = wan.PROMPT_EMBEDDING_FILE
     try:
         return wan.load_prompt_embedding(folder / name)

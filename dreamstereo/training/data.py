@@ -40,10 +40,11 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from dreamstereo.io import media
 from dreamstereo.io.sample import read_sample
 from dreamstereo.io.shards import iter_raw_samples, sample_members
 from dreamstereo.io.storage import S3Config, StorageError
-from dreamstereo.stages.decode import resize_center_crop
+from dreamstereo.stages.decode import probe_video, resize_center_crop
 from dreamstereo.training.masks import MaskConfig, random_video_mask
 from dreamstereo.types import UserError
 
@@ -142,8 +143,6 @@ def raw_bucket(raw: dict, buckets: list[list[int]]) -> tuple[int, int]:
     elif meta.get("height") and meta.get("width"):
         h, w = meta["height"], meta["width"]
     else:
-        from dreamstereo.stages.decode import probe_video
-
         probe = probe_video(members.get("rgb.mp4") or members["mp4"])
         h, w = probe.height, probe.width
     return nearest_bucket(int(h), int(w), buckets)
@@ -187,8 +186,6 @@ def decode_raw(raw: dict, cfg: DataConfig, bucket: tuple[int, int], seed: int, w
         target clip, the clip the masked-video latent is made from (Stage 1: the clean clip; Stage 2: V1'),
         and the pixels to inpaint.
     """
-    from dreamstereo.io import media
-
     members = sample_members(raw)
     key = raw["__key__"]
     rng = sample_rng(seed, key, window)

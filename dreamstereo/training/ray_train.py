@@ -20,8 +20,18 @@ import logging
 import os
 from pathlib import Path
 
+import ray
+import ray.train
+import torch
+from omegaconf import OmegaConf
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from dreamstereo.config import to_plain
+from dreamstereo.models import wan_inpaint as wan
+from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.config import TrainConfig
+from dreamstereo.training.train import check_checkpoints, check_config, checkpoint_store, train
 from dreamstereo.types import UserError, original_error
 
 logger = logging.getLogger(__name__)
@@ -29,16 +39,11 @@ logger = logging.getLogger(__name__)
 
 def _worker(loop_config: dict) -> None:
     """Entry point on every Ray Train worker: rebuild the config, run the loop with this worker's rank."""
-    import ray.train
-    from omegaconf import OmegaConf
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import torch
 
     torch.set_num_threads(loop_config["threads"])
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), loop_config["config"]))
     context = ray.train.get_context()
-    from dreamstereo.training.train import train
 
     result = train(cfg, rank=context.get_world_rank(), world=context.get_world_size(),
                    prompt_embedding=loop_config.get("prompt_embedding"))
@@ -48,10 +53,6 @@ def _worker(loop_config: dict) -> None:
 def driver_prompt_embedding(cfg: TrainConfig) -> tuple | None:
     """The empty-prompt embedding the workers start with, resolved once here; None when every worker takes
     it from a checkpoint (``model.init_from``, or a checkpoint the run resumes from)."""
-    from dreamstereo.models import wan_inpaint as wan
-    from dreamstereo.training import checkpoint as ckpt
-    from dreamstereo.training.train import checkpoint_store
-
     if cfg.model.init_from or (cfg.resume is not None and
                                ckpt.resolve_resume(cfg.resume, checkpoint_store(cfg)) is not None):
         return None
@@ -75,12 +76,6 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
             TrainingDiverged): bad input or a diverged run, found on the driver or in a worker.
         RuntimeError: a worker failed otherwise (the message carries the worker's error).
     """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from dreamstereo.training.train import check_checkpoints, check_config
-
     check_config(cfg)  # fail on the driver, before any worker is placed
     check_checkpoints(cfg)
     prompt_embedding = driver_prompt_embedding(cfg)
@@ -115,7 +110,6 @@ def run_ray_training(cfg: TrainConfig, *, threads_per_worker: int | None = None)
             raise RuntimeError(f"Ray Train failed: {result.error}")
         metrics = dict(result.metrics or {})
         if "step" not in metrics:  # Ray Train V2 keeps only metrics reported with a checkpoint: read ours
-            from dreamstereo.training.train import checkpoint_store
 
             log = output / "metrics.jsonl"
             last = json.loads(log.read_text().splitlines()[-1]) if log.is_file() else {}

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 
 from dreamstereo import __version__
 from dreamstereo.config import to_yaml
@@ -132,7 +134,6 @@ def all_reduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
     what DDP's ``no_sync`` would do."""
     if world == 1:
         return
-    import torch.distributed as dist
 
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -149,7 +150,6 @@ def broadcast_params(params: list[torch.nn.Parameter], world: int) -> None:
     are drawn from each rank's own RNG, and a checkpoint holds rank 0's weights only."""
     if world == 1:
         return
-    import torch.distributed as dist
 
     with torch.no_grad():
         for p in params:
@@ -160,7 +160,6 @@ def all_sum(values: list[float], world: int, device) -> list[float]:
     """Element-wise sums over workers, in one all-reduce."""
     if world == 1:
         return list(values)
-    import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -196,7 +195,6 @@ def make_optimizer(transformer, cfg: TrainConfig) -> torch.optim.AdamW:
 def gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
-    import torch.distributed as dist
 
     out = [None] * world
     dist.all_gather_object(out, obj)
@@ -207,7 +205,6 @@ def broadcast(obj, world: int):
     """Rank 0's ``obj`` on every rank."""
     if world == 1:
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -217,7 +214,7 @@ def broadcast(obj, world: int):
 def node_id() -> str:
     """This worker's machine: the Ray node id inside Ray, else the host name."""
     try:
-        import ray
+        import ray  # local: training without Ray never pays its import (~1 s)
 
         if ray.is_initialized():
             return ray.get_runtime_context().get_node_id()
@@ -330,8 +327,6 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
     """Assemble a checkpoint folder locally and commit it to the store (rank 0); ``rng_states`` holds every
     rank's :func:`rng_state`, in rank order. ``training_state.pt`` holds tensors and plain values only
     (``checkpoint.load_training_state`` reads it without unpickling any object)."""
-    from safetensors.torch import save_file
-
     with tempfile.TemporaryDirectory(prefix="dreamstereo-ckpt-") as tmp:
         folder = Path(tmp)
         save_file(wan.trainable_state_dict(transformer), str(folder / ckpt.ADAPTER_FILE), metadata={"format": "pt"})
