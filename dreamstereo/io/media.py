@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 
 from dreamstereo.arrays import ArrayFile
-from dreamstereo.stages.decode import decodable_end_s, decodable_timestamps
-from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
+from dreamstereo.stages import decode
+from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -325,26 +325,20 @@ def _open_video(path: Path):
 
 
 def probe_video(path: str | Path) -> VideoInfo:
-    """Frame count, frame rate and size of a video, decoding only its last GOP.
-
-    The count is of the frames that decode: a container can list a frame that does not (then a
-    disparity file of the decodable frames fits), so packets after the last decodable frame do not count.
-    """
+    """Frame count, frame rate and stored size of a video file (``stages.decode.probe_video`` on the open
+    file: the count is of the frames that decode, the size as the frames are stored, before any display
+    rotation, as :func:`iter_video` yields them)."""
     path = Path(path)
-    container = _open_video(path)
-    try:
-        stream = container.streams.video[0]
-        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
-        listed = stream.frames
-        times = np.sort([float(p.pts * p.time_base) for p in container.demux(stream) if p.size and p.pts is not None])
-        width, height = stream.codec_context.width, stream.codec_context.height
-    except (av.FFmpegError, IndexError, OSError) as exc:
-        raise MediaError(f"{str(path)!r}: cannot read video ({type(exc).__name__}: {exc})") from None
-    finally:
-        container.close()
+    _check_regular(path)
     with open(path, "rb") as fh:
-        frames = len(decodable_timestamps(times, decodable_end_s(fh)))
-    return VideoInfo(frames=frames or listed, fps=fps, width=int(width), height=int(height))
+        try:
+            probe = decode.probe_video(fh, count_frames=True)
+        except SampleError as exc:
+            if exc.code is ErrorCode.NO_VIDEO_STREAM:
+                raise MediaError(f"{str(path)!r}: has no video stream") from None
+            raise MediaError(f"{str(path)!r}: cannot open video ({exc.message})") from None
+    width, height = (probe.height, probe.width) if probe.rotation in (90, 270) else (probe.width, probe.height)
+    return VideoInfo(frames=probe.frames, fps=probe.fps or 25.0, width=int(width), height=int(height))
 
 
 def iter_video(path: str | Path, chunk_frames: int = 16) -> Iterator[np.ndarray]:

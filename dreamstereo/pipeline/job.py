@@ -31,7 +31,7 @@ from dreamstereo.io.shards import STAGING_DIR, STATUSES, commit_staged, committe
 from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
 from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
 from dreamstereo.pipeline.clip import ClipConfig
-from dreamstereo.pipeline.manifest import InputConfig, check_input_access, read_inputs, split_shards
+from dreamstereo.pipeline.manifest import InputConfig, check_input_access, group_into_shards, read_inputs
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES, SampleStatus, UserError, original_error
 
@@ -177,7 +177,7 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     check_input_access(inputs, cfg.s3)
     storage.check()
     _remove_temp_files(storage)  # of writers killed in an earlier run
-    shards = split_shards(inputs, cfg.shard_size)
+    shards = group_into_shards(inputs, cfg.shard_size)
     _claim_output(storage, inputs, cfg)
     storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
     done = committed_shards(storage) & set(range(len(shards)))

@@ -178,7 +178,7 @@ def _inside(uri: str, base: str) -> bool:
     return scheme == base_scheme and (path == base_path or path.startswith(base_path.rstrip("/") + "/"))
 
 
-def split_shards(videos: list[InputVideo], shard_size: int) -> list[list[InputVideo]]:
+def group_into_shards(videos: list[InputVideo], shard_size: int) -> list[list[InputVideo]]:
     """Consecutive groups of ``shard_size`` inputs; shard ``k`` always holds the same inputs."""
     if shard_size < 1:
         raise ManifestError(f"shard_size must be >= 1, got {shard_size}")

@@ -91,14 +91,19 @@ class Clip:
     bucket: tuple[int, int]  # (height, width)
 
 
-def probe_video(data: bytes) -> VideoProbe:
-    """Read container metadata (and the first frame's display rotation) from encoded bytes.
+def probe_video(source: bytes | typing.BinaryIO, *, count_frames: bool = False) -> VideoProbe:
+    """Read container metadata (and the first frame's display rotation) from an encoded video.
+
+    Args:
+        source: the encoded file's bytes, or a seekable binary file object over them (read from its start).
+        count_frames: report in ``frames`` the frames that decode (:func:`count_decodable_frames`: every
+            packet is demuxed, the last GOP decoded) instead of what the container claims.
 
     Raises:
         SampleError: ``DECODE_FAILED`` for unreadable bytes, ``NO_VIDEO_STREAM`` for e.g. audio-only files.
     """
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
+        with av.open(_stream(source), mode="r") as container:
             if not container.streams.video:
                 raise SampleError(ErrorCode.NO_VIDEO_STREAM, STAGE, "the file has no video stream")
             stream = container.streams.video[0]
@@ -111,6 +116,8 @@ def probe_video(data: bytes) -> VideoProbe:
             frames = int(stream.frames or 0)
             width, height = first.width, first.height
             codec = stream.codec_context.name
+        if count_frames:
+            frames = count_decodable_frames(source) or frames
     except SampleError:
         raise
     except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as exc:
@@ -119,6 +126,23 @@ def probe_video(data: bytes) -> VideoProbe:
         width, height = height, width
     return VideoProbe(frames=frames, fps=fps, width=width, height=height, rotation=rotation, codec=codec,
                       duration_s=duration)
+
+
+def count_decodable_frames(source: bytes | typing.BinaryIO) -> int:
+    """The frames of a video that decode: its packets' timestamps up to the last frame that decodes
+    (:func:`decodable_end_s`), without decoding more than the last GOP."""
+    with av.open(_stream(source), mode="r") as container:
+        stream = container.streams.video[0]
+        times = np.sort([float(p.pts * p.time_base) for p in container.demux(stream) if p.size and p.pts is not None])
+    return len(decodable_timestamps(times, decodable_end_s(_stream(source))))
+
+
+def _stream(source: bytes | typing.BinaryIO) -> typing.BinaryIO:
+    """A binary stream over ``source`` positioned at its start."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    source.seek(0)
+    return source
 
 
 def _rotation_degrees(value) -> int:
@@ -240,7 +264,7 @@ def decodable_end_s(data: bytes | typing.BinaryIO) -> float | None:
     """
     last = None
     try:
-        with av.open(io.BytesIO(data) if isinstance(data, bytes) else data) as container:
+        with av.open(_stream(data)) as container:
             stream = container.streams.video[0]
             container.seek(2 ** 62, stream=stream, backward=True)  # lands on the last keyframe
             try:

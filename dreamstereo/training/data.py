@@ -230,7 +230,7 @@ class ShardStream:
 
     def __init__(self, urls: list[str], cfg: DataConfig, *, batch_size: int, seed: int, stream_id: int):
         if not urls:
-            raise ValueError(f"stream {stream_id} has no shards")
+            raise TrainDataError(f"stream {stream_id} has no shards")
         self.urls, self.cfg, self.batch_size, self.seed, self.stream_id = urls, cfg, batch_size, seed, stream_id
         self.skipped = 0  # damaged shard visits not yet reported on a batch
 
@@ -299,14 +299,14 @@ class ShardStream:
             start, window, emitted = end, window + 1, 0
 
 
-def split_shards(urls: list[str], stream_id: int, num_streams: int) -> list[str]:
+def shards_of_stream(urls: list[str], stream_id: int, num_streams: int) -> list[str]:
     """The shards of one stream: every ``num_streams``-th from ``stream_id``, so streams never overlap.
 
     Raises:
-        ValueError: fewer shards than streams.
+        TrainDataError: fewer shards than streams.
     """
     if len(urls) < num_streams:
-        raise ValueError(f"{len(urls)} shard(s) for {num_streams} data streams (workers x data.num_workers): "
+        raise TrainDataError(f"{len(urls)} shard(s) for {num_streams} data streams (workers x data.num_workers): "
                          f"every stream needs its own shard; write smaller shards or lower the worker counts")
     return urls[stream_id::num_streams]
 
@@ -328,14 +328,14 @@ class TrainBatches(torch.utils.data.IterableDataset):
         self.states = states or [initial_state() for _ in range(self.num_streams)]
         self.batches_done = batches_done
         for logical in range(self.num_streams):  # fail here, not inside a loader process
-            split_shards(urls, rank * self.num_streams + logical, world * self.num_streams)
+            shards_of_stream(urls, rank * self.num_streams + logical, world * self.num_streams)
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
         logical = (worker + self.batches_done) % self.num_streams
         stream_id = self.rank * self.num_streams + logical
-        stream = ShardStream(split_shards(self.urls, stream_id, self.world * self.num_streams), self.cfg,
+        stream = ShardStream(shards_of_stream(self.urls, stream_id, self.world * self.num_streams), self.cfg,
                              batch_size=self.batch_size, seed=self.seed, stream_id=stream_id)
         for batch in stream.batches(self.states[logical]):
             batch["logical"] = logical

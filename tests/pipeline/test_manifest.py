@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError
-from dreamstereo.pipeline.manifest import InputConfig, parse_filter, read_inputs, split_shards
+from dreamstereo.pipeline.manifest import InputConfig, group_into_shards, parse_filter, read_inputs
 
 OPENVID_CSV = (
     "video,caption,aesthetic score,motion score,temporal consistency score,camera motion,frame,fps,seconds\n"
@@ -78,10 +78,10 @@ def test_missing_sources(tmp_path):
 
 
 def test_shards_are_deterministic():
-    assert split_shards(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert group_into_shards(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert parse_filter("a b>=2")[0] == "a b"
     with pytest.raises(ValueError):
-        split_shards([1], 0)
+        group_into_shards([1], 0)
 
 
 def test_operator_contract_is_a_chain():

@@ -15,7 +15,7 @@ from dreamstereo.training.data import (
     ShardStream,
     TrainBatches,
     TrainStage,
-    split_shards,
+    shards_of_stream,
     validation_batches,
 )
 from tests.training.shards import write_shards
@@ -38,10 +38,10 @@ def test_shard_list_from_manifest_brace_pattern_or_tar(raw_shards, tmp_path):
 
 def test_streams_split_shards_disjointly_and_need_one_each():
     urls = [f"s{i}.tar" for i in range(5)]
-    parts = [split_shards(urls, s, 3) for s in range(3)]
+    parts = [shards_of_stream(urls, s, 3) for s in range(3)]
     assert sorted(sum(parts, [])) == urls and all(parts)
     with pytest.raises(ValueError, match="2 shard\\(s\\) for 3 data streams"):
-        split_shards(urls[:2], 0, 3)
+        shards_of_stream(urls[:2], 0, 3)
 
 
 def test_stream_is_endless_deterministic_and_resumes_exactly(raw_shards):
