@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dreamstereo.io import media
+from dreamstereo.io.sidecar import sidecar_of
 from dreamstereo.types import Direction
 
 
@@ -226,7 +227,7 @@ def write_scene(scene: Scene, path, *, fps: float = 12.0) -> tuple[str, str]:
     """
     path = Path(path)
     media.write_video(path, scene.frames_uint8(), fps)
-    sidecar = path.with_name(f"{path.stem}.disparity.npz")
+    sidecar = Path(sidecar_of(str(path)))
     with media.atomic_path(sidecar) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, disparity=scene.disparity.astype(np.float32))

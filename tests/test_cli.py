@@ -268,3 +268,27 @@ def test_warp_eval_report_on_a_full_disk_exits_2_naming_it(capsys, tmp_path, tin
     assert code == 2 and err == f"dreamstereo warp-eval: error: cannot write {str(report)!r}: " \
                                 "No space left on device [ENOSPC]\n"
     assert tiny_disk.files() == []
+
+
+@pytest.mark.parametrize("raised,exit_code", [
+    (ValueError("a bug: an index went wrong"), None),  # not ours to blame on the input: the traceback stays
+    (KeyError("also a bug"), None),
+    (media.MediaError("'v.mp4': has no video stream"), 2),  # a UserError: one line, exit 2
+    (OSError(28, "No space left on device"), 2),
+])
+def test_only_user_errors_become_one_line_and_exit_2(raised, exit_code, tmp_path, capsys, monkeypatch):
+    """One mapping (cli.main, USER_ERRORS): a UserError or OSError is the user's to fix; anything else is a
+    bug and must keep its traceback (before, `generate` and `evaluate` caught every ValueError)."""
+    import dreamstereo.pipeline.job as job
+
+    def run_generate(*_, **__):
+        raise raised
+
+    monkeypatch.setattr(job, "run_generate", run_generate)
+    argv = ["generate", "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    if exit_code is None:
+        with pytest.raises(type(raised)):
+            main(argv)
+    else:
+        assert main(argv) == exit_code
+        assert capsys.readouterr().err.strip().splitlines() == [f"dreamstereo generate: error: {raised}"]

@@ -134,7 +134,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
         "synthesized_eye": cfg.pairs.synthesized_eye.value, "flip": pair.flipped,
         "mask_ratio": scores.mask_ratio, "quality": dataclasses.asdict(scores),
         "depth_backend": cfg.depth.backend.value, "depth_weights": depth_weights,
-        "warp": to_plain(cfg.pairs.warp), "config_hash": config_hash(cfg), "package_version": __version__,
+        "warp": to_plain(cfg.pairs.warp), "config_hash": chain_hash(cfg), "package_version": __version__,
     }
     members = encode_sample(pair.clean, pair.warped, pair.mask, pair.disparity, meta, clip.fps)
     sheet = None
@@ -158,9 +158,15 @@ def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: C
     if not verdict.keep:
         return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(scores))
     meta = {**_clip_meta(key, clip, clip_index, source, probe), "quality": dataclasses.asdict(scores),
-            "config_hash": config_hash(cfg), "package_version": __version__}
+            "config_hash": chain_hash(cfg), "package_version": __version__}
     return ClipResult(key, clip_index, SampleStatus.OK, None, dataclasses.asdict(scores),
                       members=encode_raw_sample(frames, meta, clip.fps))
+
+
+def chain_hash(cfg: ClipConfig) -> str:
+    """The hash of the chain's settings alone (a ProcessConfig's ``device`` left out), so ``process`` and
+    ``generate`` label samples made with the same settings alike."""
+    return config_hash({f.name: getattr(cfg, f.name) for f in dataclasses.fields(ClipConfig)})
 
 
 def _clip_meta(key: str, clip: Clip, clip_index: int, source: str, probe: VideoProbe) -> dict:

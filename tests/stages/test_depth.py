@@ -10,10 +10,8 @@ import pytest
 
 from dreamstereo.stages.decode import resize_center_crop
 from dreamstereo.stages.depth import (
-    DepthAnythingV2,
     DepthBackendName,
     DepthConfig,
-    DepthWeightsError,
     align_scale_shift,
     load_backend,
     oracle_disparity,
@@ -31,13 +29,6 @@ def test_depth_anything_v2_end_to_end_on_a_tiny_model(tiny_dav2):
     assert disparity.shape == (5, 40, 72) and disparity.dtype == np.float32 and np.isfinite(disparity).all()
     assert backend._network_size(40, 72) == (56, 98)  # short side 56, both multiples of 14
     assert np.array_equal(backend(frames), disparity)  # deterministic
-
-
-def test_missing_weights_say_how_to_provide_them(tmp_path):
-    with pytest.raises(DepthWeightsError, match="huggingface-cli download .*depth.weights="):
-        DepthAnythingV2("depth-anything/Depth-Anything-V2-Small-hf")  # a hub id, offline
-    with pytest.raises(DepthWeightsError, match="not a local folder"):
-        DepthAnythingV2(str(tmp_path / "no-such-folder"))
 
 
 def test_alignment_removes_per_frame_scale_and_shift():

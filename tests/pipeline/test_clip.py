@@ -1,0 +1,93 @@
+"""The clip chain (pipeline/clip.py): one rule for rejected versus failed, and the same samples whether
+`dreamstereo process` runs it or the Ray operators of `generate` carry it between processes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dreamstereo.config import load_config
+from dreamstereo.io.sample import make_key, read_sample
+from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch, unpack_members
+from dreamstereo.pipeline.clip import ClipConfig, ClipResult, pair_clip, read_input
+from dreamstereo.pipeline.process import ProcessConfig, run_process
+from dreamstereo.scenes import demo_scene, write_scene
+from dreamstereo.types import REJECTION_CODES, ErrorCode, SampleError, SampleStatus
+from tests.videos import moving_pattern, write_video
+
+SMALL = ["depth.backend=oracle", "decode.clip_frames=9", "decode.max_clips=2", "decode.buckets=[[64,96]]",
+         "decode.min_short_side=32"]
+
+
+def _input_batch(uri: str) -> dict[str, np.ndarray]:
+    row = {"shard": 0, "input_index": 0, "uri": uri, "problem": ""}
+    return {k: np.array([row[k]], dtype=object) for k in INPUT_COLUMNS}
+
+
+def _psnr(x: np.ndarray, y: np.ndarray) -> float:
+    mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_each_error_code_is_a_rejection_or_a_failure_by_one_rule(code):
+    result = ClipResult.from_error("/videos/a.mp4", 3, SampleError(code, "decode", "why"))
+    assert result.status is (SampleStatus.REJECTED if code in (ErrorCode.TOO_SHORT, ErrorCode.TOO_SMALL)
+                             else SampleStatus.FAILED)
+    assert result.status is SampleStatus.for_error(code) and (code in REJECTION_CODES) == (
+        result.status is SampleStatus.REJECTED)
+    assert (result.key, result.reason, result.message) == (make_key("/videos/a.mp4", 3), code.value, "why")
+    assert result.members is None
+
+
+def test_the_depth_stage_error_of_a_clip_is_its_failed_record(tmp_path):
+    video, _ = write_scene(demo_scene(width=128, height=96, num_frames=12), tmp_path / "v.mp4", fps=24)
+    cfg = load_config(ClipConfig, [], SMALL)
+    probe, clips = read_input(video, None, cfg.decode)
+    error = SampleError(ErrorCode.DEPTH_FAILED, "depth", "no finite output")
+    result = pair_clip(clips[0], 0, video, probe, error, cfg, None)
+    assert (result.status, result.reason, result.members) == (SampleStatus.FAILED, "depth_failed", None)
+
+
+def test_a_too_short_video_is_rejected_alike_by_process_and_the_decode_operator(tmp_path, capsys):
+    """Before the chain was one, `process` called every non-fatal decode error a rejection and the Ray
+    operator only TOO_SHORT / TOO_SMALL; both now ask SampleStatus.for_error."""
+    video = write_video(tmp_path / "short.mp4", moving_pattern(5, 64, 96))
+    cfg = load_config(ProcessConfig, [], SMALL)
+    manifest = run_process(video, tmp_path / "out", cfg, echo=lambda _: None)
+    assert [(c["status"], c["reason"]) for c in manifest["clips"]] == [("rejected", "too_short")]
+    row = decode_batch(_input_batch(str(tmp_path / "short.mp4")), cfg=cfg)
+    assert (row["status"][0], row["reason"][0]) == ("rejected", "too_short")
+
+
+def test_process_and_the_ray_operators_make_the_same_samples(tmp_path):
+    """The same video through `run_process` and through decode_batch -> PairActor (the operators called
+    directly, as Ray calls them): same keys, verdicts and scores; the same json, mask and disparity bytes, and
+    the same videos up to H.264's own noise (x264 with threads is not bit-reproducible run to run)."""
+    video, _ = write_scene(demo_scene(width=160, height=96, num_frames=20, seed=3), tmp_path / "scene.mp4", fps=24)
+    source = str((tmp_path / "scene.mp4").resolve())
+    process_cfg = load_config(ProcessConfig, [], SMALL)
+    manifest = run_process(video, tmp_path / "out", process_cfg, echo=lambda _: None)
+
+    chain_cfg = load_config(ClipConfig, [], SMALL)
+    decoded = decode_batch(_input_batch(source), cfg=chain_cfg)
+    paired = PairActor(chain_cfg)(decoded)
+    records = [json.loads(r) for r in paired["record"]]
+    assert len(records) == len(manifest["clips"]) == 2
+    for ours, theirs, members in zip(manifest["clips"], records, paired["members"]):
+        assert theirs["key"] == ours["key"] and theirs["reason"] == ours["reason"]
+        assert SampleStatus(theirs["status"]).label == ours["status"]
+        assert theirs["scores"] == pytest.approx(ours["scores"])
+        if ours["status"] == "kept":
+            stored = {p.name[len(ours["key"]) + 1:]: p.read_bytes() for p in (tmp_path / "out").glob(f"{ours['key']}.*")}
+            theirs_members = unpack_members(members)
+            assert theirs_members.keys() == stored.keys()
+            for name in ("json", "mask.npz", "disp.npz"):
+                assert theirs_members[name] == stored[name], name
+            a, b = read_sample(theirs_members, ours["key"]), read_sample(stored, ours["key"])
+            for name in ("clean", "warped"):
+                assert _psnr(getattr(a, name), getattr(b, name)) > 35, name
+            assert b.meta["source"] == source
+    assert any(c["status"] == "kept" for c in manifest["clips"])
