@@ -36,17 +36,6 @@ def _digest(folder) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*") if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def tiny_run(toy_wan, raw_shards, tmp_path_factory):
-    """The tiny preset through the CLI: 60 steps on 6 clips (1 of 4 shards held out for validation)."""
-    out = tmp_path_factory.mktemp("tiny-run")
-    base_files = _digest(toy_wan)
-    code = main(["-q", "train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
-                 f"output_dir={out}", "data.holdout_shards=1"])
-    assert code == 0
-    return out, base_files
-
-
 def test_tiny_model_overfits_a_handful_of_samples(tiny_run):
     out, _ = tiny_run
     metrics = _metrics(out)
@@ -81,25 +70,6 @@ def test_checkpoint_holds_only_adapter_and_patch_embedding_and_base_is_untouched
     assert state["step"] == 60 and {"optimizer", "scheduler", "rng", "data"} <= set(state)
     assert _digest(toy_wan) == base_files  # the base files are untouched (the frozen tensors: see below)
     assert "stage" in (folder / "config.yaml").read_text()
-
-
-def test_export_merges_lora_into_a_standalone_model(tiny_run, toy_wan, tmp_path):
-    out, _ = tiny_run
-    folder = out / "checkpoints" / "step-00000060"
-    assert main(["-q", "export", str(folder), "--out", str(tmp_path / "model")]) == 0
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "dreamstereo_model.json", "prompt_embedding.safetensors", "transformer", "vae"]
-    merged = wan.load_inpaint_model(tmp_path / "model").eval()
-    adapter = wan.load_inpaint_model(toy_wan)
-    wan.add_lora(adapter, rank=8, alpha=8)
-    wan.load_trainable_state_dict(adapter, load_file(str(folder / "adapter_model.safetensors")))
-    adapter.eval()
-    prompt, _ = wan.resolve_prompt_embedding(tmp_path / "model", text_dim=16)  # the stored one, no umT5
-    x, sigma = torch.randn(1, 36, 2, 8, 8), torch.tensor([0.7])
-    with torch.no_grad():
-        torch.testing.assert_close(wan.predict_velocity(merged, x, sigma, prompt),
-                                   wan.predict_velocity(adapter, x, sigma, prompt), rtol=1e-4, atol=1e-5)
-    assert not any("lora" in k for k in merged.state_dict())
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(toy_wan, raw_shards, tmp_path):
