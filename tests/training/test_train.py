@@ -197,24 +197,8 @@ def test_explicit_resume_path_must_exist(toy_wan, raw_shards, tmp_path, capsys):
     assert code == 2 and "not a committed checkpoint" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One small local Ray for the Ray Train tests of this module."""
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=200 * 1024 * 1024)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_two_ray_train_workers_read_disjoint_shards_and_resume_exactly(toy_wan, raw_shards, tmp_path, local_ray):
+def test_two_ray_train_workers_read_disjoint_shards_and_resume_exactly(toy_wan, raw_shards, tmp_path, ray_session):
     from dreamstereo.training.ray_train import run_ray_training
 
     two = ["ray.num_workers=2", "ray.cpus_per_worker=0.5", "micro_batch_size=1", "max_steps=4",
@@ -237,7 +221,7 @@ def test_two_ray_train_workers_read_disjoint_shards_and_resume_exactly(toy_wan, 
 
 
 @pytest.mark.slow
-def test_a_setup_error_inside_a_ray_worker_is_one_line_at_the_cli(toy_wan, raw_shards, tmp_path, local_ray, capsys):
+def test_a_setup_error_inside_a_ray_worker_is_one_line_at_the_cli(toy_wan, raw_shards, tmp_path, ray_session, capsys):
     # 4 shards for 2 workers x 3 loader processes: found when the workers build their data streams.
     code = main(["train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
                  f"output_dir={tmp_path}", "ray.num_workers=2", "ray.cpus_per_worker=0.5", "micro_batch_size=1",
