@@ -81,14 +81,51 @@ def s3_server():
     server.stop()
 
 
+# The fake credentials of the test server (it accepts any while authentication is off): in the environment
+# of S3 tests (`s3_env`), and in the environment of every Ray worker of the session (`ray_session`).
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture
 def s3_env(s3_server, monkeypatch):
     """Credentials in the environment (the standard chain), the endpoint of the test server."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for name, value in S3_TEST_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """The one local Ray of the test session (Ray's own rule: one shared cluster fixture), started on first
+    use and shut down at the end; every test that runs Ray in this process takes it. The code under test
+    uses a Ray that is already initialised (pipeline/job.py, training/ray_train.py) and leaves it running.
+
+    Settings that fit every Ray test (the ones each of them used to start): 2 CPUs, a 300 MB object store, no
+    dashboard, worker logs not copied to the driver. Workers stage
+    samples in S3 themselves, with their own credential chain (as on a cluster): the test server's fake
+    credentials are in the environment while Ray starts, so its raylet and every worker it spawns inherit
+    them and S3 tests need no Ray restart; the driver's own environment is restored right after (S3 tests
+    set it with ``s3_env``). The endpoint travels in each job's config (``s3.endpoint_url``)."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():  # started outside this fixture (a test that ran Ray without it): not ours to keep
+        ray.shutdown()
+    saved = {name: os.environ.get(name) for name in S3_TEST_CREDENTIALS}
+    os.environ.update(S3_TEST_CREDENTIALS)
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=300 * 1024 * 1024)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

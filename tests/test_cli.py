@@ -179,10 +179,7 @@ def test_warp_eval_missing_folder_exits_2(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_data_side_end_to_end(capsys, tmp_path):
-    import os
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+def test_demo_runs_the_data_side_end_to_end(capsys, tmp_path, ray_session):
     out = tmp_path / "demo"
     code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_videos=2", "width=160", "height=96")
     assert code == 0, stdout

@@ -11,7 +11,6 @@ import pytest
 from dreamstereo.cli import main
 from dreamstereo.io.media import read_video
 from dreamstereo.scenes import step_scene, write_scene
-from dreamstereo.stages.stereo import DisparityRange, blend, compose
 from dreamstereo.types import Direction
 from tests.conftest import SHARED_DATA
 
@@ -63,38 +62,6 @@ def test_layouts(step_video, tmp_path, capsys, fmt, shape):
                           "--format", fmt, "frames=1")
     assert code == 0, captured.err
     assert read_video(tmp_path / "o.mp4")[0].shape == (1, *shape, 3)
-
-
-def test_compose_layouts_exactly():
-    rng = np.random.default_rng(0)
-    left, right = rng.integers(0, 256, (2, 1, 6, 9, 3), dtype=np.uint8)
-    assert np.array_equal(compose(left, right, "sbs")[:, :, 9:], right)
-    assert np.array_equal(compose(left, right, "tb")[:, 6:], right)
-    anaglyph = compose(left, right, "anaglyph")
-    assert np.array_equal(anaglyph[..., 0], left[..., 0]) and np.array_equal(anaglyph[..., 1:], right[..., 1:])
-    assert compose(left, right, "half-sbs").shape == (1, 6, 9, 3)  # odd width: 4 + 5 columns
-    with pytest.raises(ValueError, match="share one"):
-        compose(left, right[:, :5], "sbs")
-
-
-def test_blend_uses_the_fill_inside_and_feathers_outside():
-    base, fill = np.zeros((1, 1, 9, 3), np.uint8), np.full((1, 1, 9, 3), 200, np.uint8)
-    mask = np.zeros((1, 1, 9), bool)
-    mask[0, 0, 4] = True
-    hard, soft = blend(base, fill, mask, 0), blend(base, fill, mask, 2)
-    assert hard[0, 0, :, 0].tolist() == [0, 0, 0, 0, 200, 0, 0, 0, 0]
-    assert soft[0, 0, 4, 0] == 200 and 0 < soft[0, 0, 3, 0] < 200 and soft[0, 0, 3, 0] > soft[0, 0, 2, 0]
-    assert soft[0, 0, 0, 0] == 0
-
-
-def test_disparity_range_is_shared_across_windows():
-    windows = [np.linspace(0, 10, 100).reshape(1, 10, 10), np.linspace(0, 20, 100).reshape(1, 10, 10)]
-    alone, smoothed = DisparityRange(momentum=0.0), DisparityRange(momentum=0.5)
-    first = smoothed.normalize(windows[0])
-    assert first.min() == 0 and first.max() == 1
-    own = alone.normalize(windows[1])[0, 5, 0]  # the second window (twice the range) on its own range
-    shared = smoothed.normalize(windows[1])[0, 5, 0]
-    assert 0.45 < own < 0.55 and own + 0.1 < shared < 0.9  # the range moved part of the way only
 
 
 def test_bad_inputs_end_with_one_line(step_video, tmp_path, capsys):

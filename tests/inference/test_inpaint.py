@@ -69,13 +69,6 @@ def test_convert_windows_overlap_without_losing_or_repeating_frames(toy_wan_mode
     assert np.abs(frames[..., :32, :].astype(int) - source).mean() < 3  # in order: the left eye is the input
 
 
-def test_crossfade_weights():
-    from dreamstereo.stages.stereo import crossfade
-
-    previous, current = np.zeros((3, 1, 1, 1), np.uint8), np.full((3, 1, 1, 1), 200, np.uint8)
-    assert crossfade(previous, current).ravel().tolist() == [50, 100, 150]
-
-
 def test_convert_with_a_checkpoint(toy_wan_model, tmp_path, capsys):
     scene = step_scene(width=64, height=32, d_back=0.0, d_front=6.0, edge=31.5, num_frames=5)
     video, _ = write_scene(scene, tmp_path / "step.mp4", fps=24)

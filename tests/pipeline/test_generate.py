@@ -23,36 +23,6 @@ SMALL = ["process.depth.backend=oracle", "process.decode.clip_frames=9", "proces
          "process.decode.buckets=[[64,96]]", "process.decode.min_short_side=32", "shard_size=2"]
 
 
-def _start_ray():
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if ray.is_initialized():  # another test module (e.g. the demo) left a session running
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=300 * 1024 * 1024)
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    _start_ray()
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
-def ray_s3(ray_local, s3_env):
-    """A local Ray whose workers have the S3 credentials in their environment (workers stage samples in
-    the output storage themselves, with their own credential chain, as on a cluster)."""
-    _start_ray()
-    yield
-    _start_ray()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Five synthetic scene videos with disparity sidecars, and one corrupt file."""
@@ -86,7 +56,7 @@ def _tar_url(storage, key):
     return f"s3://{storage.bucket}/{storage.prefix}/{key}"
 
 
-def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_local, corpus, tmp_path):
+def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_session, corpus, tmp_path):
     out = tmp_path / "out"
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL,
                           "progress_every_s=0.001")
@@ -122,7 +92,7 @@ def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_local, corpu
     assert np.array_equal(read_sample(samples2[same_key]).mask, read_sample(samples[same_key]).mask)
 
 
-def test_ray_data_reads_the_shards(ray_local, corpus, tmp_path, capsys):
+def test_ray_data_reads_the_shards(ray_session, corpus, tmp_path, capsys):
     import ray
 
     out = tmp_path / "out"
@@ -132,7 +102,7 @@ def test_ray_data_reads_the_shards(ray_local, corpus, tmp_path, capsys):
     assert ds.count() == manifest["summary"]["samples"]
 
 
-def test_s3_output_matches_local(ray_s3, corpus, tmp_path, capsys, s3_bucket, s3_env):
+def test_s3_output_matches_local(ray_session, corpus, tmp_path, capsys, s3_bucket, s3_env):
     from dreamstereo.io.storage import register_webdataset_s3
 
     uri = f"s3://{s3_bucket}/run"
@@ -155,13 +125,13 @@ def test_s3_output_matches_local(ray_s3, corpus, tmp_path, capsys, s3_bucket, s3
         assert "SECRET" not in storage.read_bytes(key).decode("latin-1")
 
 
-def test_unreachable_output_fails_fast(ray_local, corpus, capsys):
+def test_unreachable_output_fails_fast(ray_session, corpus, capsys):
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", "s3://b/x", *SMALL,
                           "s3.endpoint_url=http://127.0.0.1:1", "s3.max_attempts=1", "s3.connect_timeout_s=1")
     assert code == 2 and "unreachable" in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
-def test_raw_mode_writes_clean_clips_only(capsys, ray_local, corpus, tmp_path):
+def test_raw_mode_writes_clean_clips_only(capsys, ray_session, corpus, tmp_path):
     out = tmp_path / "raw"
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL, "mode=raw")
     assert code == 0, captured.err
@@ -174,7 +144,7 @@ def test_raw_mode_writes_clean_clips_only(capsys, ray_local, corpus, tmp_path):
         ("failed", "decode_failed")]
 
 
-def test_retry_failed_redoes_only_shards_with_retryable_failures(capsys, ray_local, corpus, tmp_path):
+def test_retry_failed_redoes_only_shards_with_retryable_failures(capsys, ray_session, corpus, tmp_path):
     import shutil
 
     late = tmp_path / "late.mp4"  # listed in the manifest, but not there yet: read_failed (retryable)
@@ -196,7 +166,7 @@ def test_retry_failed_redoes_only_shards_with_retryable_failures(capsys, ray_loc
     assert len(keys) == len(set(keys)) and len(samples) == sum(r["status"] == "ok" for r in rows2)
 
 
-def test_resuming_with_other_inputs_or_shard_size_is_refused(capsys, ray_local, corpus, tmp_path):
+def test_resuming_with_other_inputs_or_shard_size_is_refused(capsys, ray_session, corpus, tmp_path):
     out = tmp_path / "out"
     assert _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL)[0] == 0
     code, captured = _run(capsys, "generate", "--input", str(corpus), "--output", str(out), *SMALL[:-1],
@@ -232,7 +202,7 @@ def test_wrong_credentials_fail_fast(s3_auth, s3_server, corpus, tmp_path, capsy
     assert good.list() == [f"in/{video.name}"]  # nothing was written to the bucket either
 
 
-def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
+def test_recycled_actors_lose_nothing(ray_session, corpus, tmp_path, capsys):
     """With recycle_after=1 the single pair actor replaces its process after every batch: each clip is
     made by another process, and the output holds the same samples as a run without recycling."""
     args = ["--input", str(corpus / "scene*.mp4"), *SMALL, "process.decode.max_clips=1"]
@@ -247,7 +217,7 @@ def test_recycled_actors_lose_nothing(ray_local, corpus, tmp_path, capsys):
     assert len({r["worker"] for r in plain_rows}) == 1  # the same pool without recycling: one process
 
 
-def test_hostile_inputs_and_sidecars_are_recorded_and_the_job_goes_on(capsys, ray_local, corpus, tmp_path):
+def test_hostile_inputs_and_sidecars_are_recorded_and_the_job_goes_on(capsys, ray_session, corpus, tmp_path):
     """One manifest with everything a web corpus throws at the job: damaged, odd and oversized sidecars,
     a FIFO, a device, a folder, rows that name no file. Every input is one recorded row with its reason,
     every shard commits, and a rerun with nothing to do leaves manifest.json as it was."""
@@ -307,7 +277,7 @@ def test_bad_input_lists_fail_before_the_output_exists(capsys, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, ray_local, corpus, tmp_path,
+def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, ray_session, corpus, tmp_path,
                                                                        tiny_disk):
     import os
     import re
@@ -356,7 +326,7 @@ def test_a_full_disk_ends_with_one_line_and_a_rerun_equals_a_clean_run(capsys, r
     assert LocalStorage(out).list("_staging/") == []
 
 
-def test_a_commit_on_a_full_disk_fails_once_and_the_driver_gets_its_storage_error(ray_local, tiny_disk):
+def test_a_commit_on_a_full_disk_fails_once_and_the_driver_gets_its_storage_error(ray_session, tiny_disk):
     import os
     import time
 

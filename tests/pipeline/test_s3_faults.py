@@ -14,7 +14,7 @@ import pytest
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError
 from tests.conftest import S3_SECRET, deadline
 from tests.faultproxy import KINDS, FaultProxy, Schedule
-from tests.pipeline.test_generate import SMALL, _run, corpus, ray_local, ray_s3  # noqa: F401 (fixtures)
+from tests.pipeline.test_generate import SMALL, _run, corpus  # noqa: F401 (a fixture)
 
 
 def _faulty(proxy: FaultProxy, **overrides) -> S3Config:
@@ -146,7 +146,7 @@ def _members(tar: bytes) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_generate_through_faults_equals_a_clean_run(ray_s3, corpus, capsys, s3_bucket, s3_env, quiet_moto):
+def test_generate_through_faults_equals_a_clean_run(ray_session, corpus, capsys, s3_bucket, s3_env, quiet_moto):
     """`dreamstereo generate` with input and output on S3 (driver and Ray workers) through the proxy gives what
     a clean run gives: the same shards with the same samples and members, the same parquet rows, every tar
     matching the sha256 its manifest entry records, no staging objects left.

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -37,3 +40,24 @@ def pair_shards(tmp_path_factory) -> tuple[str, list[str]]:
     """A `generate`-like output of PBDP pairs: 2 shards of 2 samples."""
     folder = tmp_path_factory.mktemp("pair-shards")
     return str(folder), write_shards(folder, shards=2, per_shard=2, pairs=True)
+
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "train" / "tiny.yaml"
+
+
+def _digest(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(toy_wan, raw_shards, tmp_path_factory):
+    """The tiny preset through the CLI: 60 steps on 6 clips (1 of 4 shards held out for validation).
+    (Session scope: training tests and export tests read the same run.)"""
+    from dreamstereo.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    base_files = _digest(toy_wan)
+    code = main(["-q", "train", str(TINY), f"model.base={toy_wan}", f"data.shards={raw_shards[0]}",
+                 f"output_dir={out}", "data.holdout_shards=1"])
+    assert code == 0
+    return out, base_files

@@ -13,7 +13,7 @@ from dreamstereo.scenes import demo_scene
 def write_shards(folder, *, shards: int, per_shard: int, pairs: bool = False, height: int = 64, width: int = 64,
                  frames: int = 9, storage=None) -> list[str]:
     """Write ``shards`` tars of ``per_shard`` samples (raw clips, or PBDP pairs with ``pairs``) and a manifest
-    into ``folder`` (or into ``storage``, an object from ``pipeline.io.storage``); return all sample keys."""
+    into ``folder`` (or into ``storage``, an object from ``io.storage``); return all sample keys."""
     import tempfile
 
     import webdataset as wds

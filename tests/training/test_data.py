@@ -36,7 +36,7 @@ def test_shard_list_from_manifest_brace_pattern_or_tar(raw_shards, tmp_path):
         resolve_shards(str(tmp_path))
 
 
-def test_streams_split_shards_disjointly_and_need_one_each():
+def test_streams_get_disjoint_shards_and_need_one_each():
     urls = [f"s{i}.tar" for i in range(5)]
     parts = [shards_of_stream(urls, s, 3) for s in range(3)]
     assert sorted(sum(parts, [])) == urls and all(parts)
