@@ -10,9 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dreamstereo.config import ProcessConfig, load_config
-from dreamstereo.pipeline.actors import (CONTRACT, DECODE_COLUMNS, PAIR_COLUMNS, WRITE_COLUMNS, DepthActor, PairActor,
-                                         decode_batch, pack, pack_members, unpack, unpack_members, write_batch)
+from dreamstereo.config import load_config
+from dreamstereo.pipeline.actors import (
+    CONTRACT,
+    DECODE_COLUMNS,
+    PAIR_COLUMNS,
+    WRITE_COLUMNS,
+    DepthActor,
+    PairActor,
+    decode_batch,
+    pack,
+    pack_members,
+    unpack,
+    unpack_members,
+    write_batch,
+)
+from dreamstereo.pipeline.clip import ClipConfig
 from dreamstereo.scenes import demo_scene, write_scene
 from dreamstereo.stages.decode import decode_clips
 from dreamstereo.stages.depth import load_backend
@@ -38,8 +51,8 @@ SMALL = ["decode.clip_frames=9", "decode.max_clips=2", "decode.buckets=[[64,96]]
 MEMBERS = {"rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json"}
 
 
-def _cfg(*overrides) -> ProcessConfig:
-    return load_config(ProcessConfig, [], [*SMALL, *overrides])
+def _cfg(*overrides) -> ClipConfig:
+    return load_config(ClipConfig, [], [*SMALL, *overrides])
 
 
 def _inputs(*rows: tuple[str, str]) -> dict[str, np.ndarray]:
