@@ -19,12 +19,27 @@ SMALL = DecodeConfig(clip_frames=5, max_clips=3, buckets=[[48, 64]], min_short_s
 HOSTILE = SHARED_DATA / "hostile" / "dolphins_mutated_segv.mp4"
 
 
-def _children() -> list[str]:
-    """Live or unreaped child processes of this process (a contained decode leaves none)."""
+def _all_children() -> list[str]:
     found = []
     for task in Path(f"/proc/{os.getpid()}/task").iterdir():
         found += (task / "children").read_text().split()
     return found
+
+
+_BEFORE: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_before_the_test():
+    """The children this process had when the test began (the session's Ray, when an earlier test started it)."""
+    _BEFORE.clear()
+    _BEFORE.update(_all_children())
+    yield
+
+
+def _children() -> list[str]:
+    """Live or unreaped child processes this test left behind (a contained decode leaves none)."""
+    return [pid for pid in _all_children() if pid not in _BEFORE]
 
 
 def _hostile() -> bytes:
