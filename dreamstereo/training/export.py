@@ -40,7 +40,9 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                                    f"{wan.DOWNLOAD_HINT}")
         # Every file is read and checked before any model is built.
         adapter = ckpt.read_json(folder, ckpt.ADAPTER_CONFIG_FILE, checkpoint)
-        if not isinstance(adapter.get("r"), int) or not isinstance(adapter.get("lora_alpha"), (int, float)):
+        rank, alpha = adapter.get("r"), adapter.get("lora_alpha")
+        if (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1
+                or not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
             raise ckpt.CheckpointError(f"checkpoint {checkpoint!r}: {ckpt.ADAPTER_CONFIG_FILE} lacks an integer "
                                        f"\"r\" and a number \"lora_alpha\"")
         tensors = ckpt.load_tensors(folder, ckpt.ADAPTER_FILE, checkpoint)
@@ -48,7 +50,12 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
         transformer = wan.load_inpaint_model(base, dtype=torch.float32)
         targets = adapter.get("target_modules") or list(wan.LORA_TARGETS)
         wan.add_lora(transformer, rank=int(adapter["r"]), alpha=float(adapter["lora_alpha"]), targets=targets)
-        wan.load_trainable_state_dict(transformer, tensors)
+        try:
+            wan.load_trainable_state_dict(transformer, tensors)
+        except (RuntimeError, ValueError, KeyError) as exc:  # tensors of another rank or other modules
+            raise ckpt.CheckpointError(f"checkpoint {checkpoint!r}: {ckpt.ADAPTER_FILE} does not fit its "
+                                       f"{ckpt.ADAPTER_CONFIG_FILE} (r={rank}, targets {targets}): "
+                                       f"{str(exc).splitlines()[0][:200]}") from None
         wan.merge_lora(transformer)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -172,6 +172,7 @@ def test_an_uncommitted_or_missing_checkpoint_is_refused_before_anything_is_writ
     ("no-prompt", "prompt_embedding.safetensors is missing"),
     ("no-rank", "adapter_config.json lacks an integer \"r\" and a number \"lora_alpha\""),
     ("text-alpha", "adapter_config.json lacks an integer \"r\" and a number \"lora_alpha\""),
+    ("bool-rank", "adapter_config.json lacks an integer \"r\" and a number \"lora_alpha\""),
     ("meta-list", "meta.json holds a JSON list, not an object"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(checkpoint, tmp_path, damage, needle):
@@ -185,12 +186,28 @@ def test_a_damaged_checkpoint_is_refused_naming_the_file(checkpoint, tmp_path, d
         (copy / "adapter_config.json").write_text(json.dumps({**config, "r": None}))
     elif damage == "text-alpha":
         (copy / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "12"}))
+    elif damage == "bool-rank":  # JSON true is a Python int subclass: not a rank
+        (copy / "adapter_config.json").write_text(json.dumps({**config, "r": True}))
     else:
         (copy / "meta.json").write_text("[]")
     with pytest.raises(CheckpointError) as info:
         export_model(str(copy), tmp_path / "model")
     assert str(info.value) == f"checkpoint {str(copy)!r}: {needle}"
     assert not (tmp_path / "model").exists()  # every file is checked before any model is built or written
+
+
+def test_an_adapter_that_does_not_fit_its_config_is_one_line_at_the_cli(checkpoint, tmp_path, capsys):
+    """r says 16, the tensors are rank 4: a CheckpointError naming both files, exit 2, no traceback."""
+    copy = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    config = json.loads((copy / "adapter_config.json").read_text())
+    (copy / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors does not fit its adapter_config.json "
+                                              r"\(r=16"):
+        export_model(str(copy), tmp_path / "model")
+    assert main(["-q", "export", str(copy), "--out", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit its adapter_config.json" in err
+    assert not (tmp_path / "model").exists()
 
 
 def test_a_checkpoint_on_s3_exports_the_same_model(checkpoint, exported, s3_bucket, s3_env, tmp_path):
