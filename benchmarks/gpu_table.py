@@ -51,7 +51,7 @@ def rows_of(kind: str, payload: dict) -> list[dict]:
             device = gpu if r["device"] == "cuda" and gpu else r["device"]
             where = f"{r['threads']} thread(s)" if r.get("threads") else "GPU"
             ratios = ", ".join(f"{v:.2f}x {k.replace('speedup_', '').replace('_', ' ')}" for k, v in r.items()
-                               if k.startswith("speedup_vs_") or k.startswith("ratio_vs_"))
+                               if k.startswith(("speedup_vs_", "ratio_vs_")))
             rows.append(_row(f"PBDP double projection, {r['method']}", f"{shape}, {where}",
                              f"{r['ms_per_frame_median']:.2f} ms/frame" + (f" ({ratios})" if ratios else ""), device))
     elif kind == "stages":
