@@ -37,12 +37,16 @@ step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one benchmark script, keep the
     fi
     seconds+=(--seconds "$name=$((SECONDS - start))")
     local wrote
-    wrote="$(sed -n 's/^wrote \(.*benchmarks\/results\/.*\.json\)$/\1/p' "$log/$name.txt" | tail -1)"
-    [ -n "$wrote" ] && files+=("$wrote")
+    wrote="$(sed -n 's/^wrote \(.*\.json\)$/\1/p' "$log/$name.txt" | tail -1)"  # write_result's line comes last
+    if [ -z "$wrote" ]; then
+        echo "gpu_suite.sh: $name wrote no result file (its output: $log/$name.txt)" >&2
+        exit 1
+    fi
+    files+=("$wrote")
 }
 
-step warp 50 benchmarks/bench_warp.py --frames 4 --repeats 3
-step stages 140 benchmarks/bench_stages.py --frames 17 --repeats 2
-step sasi 170 benchmarks/bench_sasi.py --device cuda --preset full --repeats 3 --e2e
-step train 110 benchmarks/bench_train.py --no-cpu --gpu-steps 5
+step warp 40 benchmarks/bench_warp.py --frames 4 --repeats 3
+step stages 150 benchmarks/bench_stages.py --frames 17 --repeats 2
+step sasi 190 benchmarks/bench_sasi.py --device cuda --preset full --repeats 2 --e2e
+step train 90 benchmarks/bench_train.py --no-cpu --gpu-steps 5
 "$PYTHON" benchmarks/gpu_table.py "${files[@]}" "${seconds[@]}"
