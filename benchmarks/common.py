@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Where result files go; DREAMSTEREO_BENCH_RESULTS points them elsewhere (the tests run the scripts at toy sizes).
+RESULTS = Path(os.environ.get("DREAMSTEREO_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

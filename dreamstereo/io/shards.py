@@ -118,12 +118,18 @@ class ShardWriter:
                 digest.update(block)
         sha = digest.hexdigest()
         self.storage.upload_file(shard_name(self.shard_id, "tar"), self._tar_path)
-        rows = [{**r, "scores": json.dumps(r.get("scores") or {}, sort_keys=True)} for r in self.records]
+        rows = [{**r, "scores": json.dumps(r.get("scores") or {}, sort_keys=True),
+                 **({"placement": json.dumps(r["placement"], sort_keys=True)} if "placement" in r else {})}
+                for r in self.records]
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())}), buffer)
         self.storage.write_bytes(shard_name(self.shard_id, "parquet"), buffer.getvalue())
         counts = collections.Counter(r["status"] for r in self.records)
         reasons = collections.Counter(f"{r['status']}:{r['reason']}" for r in self.records if r.get("reason"))
+        placement: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        for r in self.records:  # where each stage ran, as the operator that ran it recorded (pipeline/actors.py)
+            for stage, device in (r.get("placement") or {}).items():
+                placement[stage][device] += 1
         stats = {
             "shard": self.shard_id,
             "count": len(self.records),
@@ -133,6 +139,7 @@ class ShardWriter:
             "tar_bytes": tar_bytes,
             "tar_sha256": sha,
             "seconds_per_stage": timings or {},
+            "stage_placement": {k: dict(sorted(v.items())) for k, v in sorted(placement.items())},  # clips
             "start": self.started.isoformat(),
             "end": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "config_hash": self.config_hash,

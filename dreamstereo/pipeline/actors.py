@@ -4,10 +4,16 @@ The work on each clip is the clip chain (``clip.py``, shared with ``dreamstereo 
 only carry it between processes. One row per clip flows through ``decode_batch`` (CPU: read the input,
 decode clips, oracle disparity) -> ``DepthActor`` (loads a depth model once per actor; GPU in production) ->
 ``PairActor`` (disparity, PBDP pair, quality verdict, sample members) -> ``WriteActor`` (stages the members in the output's
-storage; only the record goes on to the driver, which commits shards). An input that yields no clip is one row with its
+storage; only the record goes on to the driver, which commits shards). With ``resources.pair_placement=depth`` the
+depth actor runs the pair stage itself, on its own device, right after depth (:class:`DepthPairActor`), and there
+is no pair operator: disparity never travels between processes. An input that yields no clip is one row with its
 verdict or error, so every input is accounted for. Per-sample problems are values (``status``,
 ``reason``), a decoder crash included (the decode runs in a child process: pipeline/isolate.py); anything
 else raises, and Ray retries the task a bounded number of times (``resources.worker_retries``).
+
+Each operator records where it ran its stage (``placement``: stage -> device, e.g. ``{"decode": "cpu",
+"depth": "cuda:0", "pair": "cuda:0", "write": "cpu"}``); the record carries it into the shard's parquet, and
+the shard's stats and the run's manifest count clips per stage and device (``stage_placement``).
 
 Large payloads travel as bytes: frames and disparity as ``.npy`` bytes, members as a JSON index plus their
 bytes (:func:`pack_members`; no pickle anywhere on the way).
@@ -35,15 +41,17 @@ from dreamstereo.types import ErrorCode, SampleError, SampleStatus
 # Columns every operator reads or writes (checked when the graph is built: pipeline/job.py).
 INPUT_COLUMNS = ("shard", "input_index", "uri", "problem")  # problem: why a manifest row names no input
 DECODE_COLUMNS = INPUT_COLUMNS + ("clip_index", "clips", "status", "reason", "message", "frames", "relative",
-                                  "clip_meta", "timings")
+                                  "clip_meta", "timings", "placement")
 PAIR_COLUMNS = ("shard", "input_index", "uri", "clip_index", "clips", "record", "members", "timings")
 WRITE_COLUMNS = ("shard", "input_index", "clips", "record", "timings")
 DRIVER_COLUMNS = WRITE_COLUMNS  # read by the shard router
 
-# (operator, columns it reads, columns it writes), in graph order; pipeline/job.py checks the chain.
+# (operator, columns it reads, columns it writes); pipeline/job.py checks the chain of the graph it builds:
+# decode -> [depth] -> pair -> write -> driver, or decode -> depth+pair -> write -> driver (pair_placement=depth).
 CONTRACT = (
     ("decode", INPUT_COLUMNS, DECODE_COLUMNS),
-    ("depth", ("status", "frames", "timings"), DECODE_COLUMNS),
+    ("depth", ("status", "frames", "timings", "placement"), DECODE_COLUMNS),
+    ("depth+pair", DECODE_COLUMNS, PAIR_COLUMNS),
     ("pair", DECODE_COLUMNS, PAIR_COLUMNS),
     ("write", PAIR_COLUMNS, WRITE_COLUMNS),
     ("driver", DRIVER_COLUMNS, ()),
@@ -111,7 +119,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
             result = ClipResult.from_error(str(row["uri"]), 0, exc)
             out.append({**base, "clip_index": 0, "clips": 1, "status": result.status.value, "reason": result.reason,
                         "message": result.message, "frames": b"", "relative": b"",
-                        "clip_meta": "{}", "timings": json.dumps({"decode": time.perf_counter() - start})})
+                        "clip_meta": "{}", "timings": json.dumps({"decode": time.perf_counter() - start}),
+                        "placement": json.dumps({"decode": "cpu"})})
             continue
         oracle = cfg.depth.backend is DepthBackendName.ORACLE and not raw
         relatives = oracle_relatives(str(row["uri"]), s3, probe, clips, cfg.depth) if oracle else None
@@ -126,7 +135,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, cfg, s3=None, raw: bool = Fals
                         "reason": error.code.value if error else None,
                         "message": error.message if error else None, "frames": pack(clip.frames),
                         "relative": b"" if error or relative is None else pack(relative),
-                        "clip_meta": json.dumps(meta), "timings": json.dumps({"decode": seconds})})
+                        "clip_meta": json.dumps(meta), "timings": json.dumps({"decode": seconds}),
+                        "placement": json.dumps({"decode": "cpu"})})
     return _rows_to_batch(out, DECODE_COLUMNS)
 
 
@@ -147,16 +157,38 @@ class Recycled:
             os._exit(0)  # an exit Ray sees as a crash: the actor restarts (exit_actor() would end it for good)
 
 
+def device_name(device) -> str:
+    """Where a stage ran, as recorded in ``placement``: ``cpu``, or ``cuda:N`` (a bare ``cuda`` resolved to
+    the index it means in this process, which under Ray is the actor's own GPU)."""
+    name = str(device)
+    if name == "cuda":
+        import torch  # local: the CPU operators never need it
+
+        if torch.cuda.is_available():
+            return f"cuda:{torch.cuda.current_device()}"
+    return name
+
+
+def _placed(row: dict, **stages: str) -> None:
+    """Record in ``row["placement"]`` where ``stages`` ran."""
+    placement = json.loads(row.get("placement") or "{}")
+    placement.update(stages)
+    row["placement"] = json.dumps(placement)
+
+
 class DepthActor(Recycled):
     """Loads the depth model once per actor (on ``device``), then fills ``relative`` for pending rows."""
 
     def __init__(self, cfg, device: str = "cpu", recycle_after: int = 0):
         self.backend = load_backend(cfg.depth, device)
+        self.device = device_name(device)
         self.recycle_after = recycle_after
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._count_batch()
-        rows = _rows(batch)
+        return _rows_to_batch(self._depth(_rows(batch)), DECODE_COLUMNS)
+
+    def _depth(self, rows: list[dict]) -> list[dict]:
         for row in rows:
             if row["status"] != SampleStatus.PENDING.value:
                 continue
@@ -170,20 +202,27 @@ class DepthActor(Recycled):
             timings = json.loads(row["timings"])
             timings["depth"] = time.perf_counter() - start
             row["timings"] = json.dumps(timings)
-        return _rows_to_batch(rows, DECODE_COLUMNS)
+            _placed(row, depth=self.device)
+        return rows
 
 
 class PairActor(Recycled):
-    """Disparity -> PBDP pair -> quality verdict -> sample members (or the row's verdict/error)."""
+    """Disparity -> PBDP pair -> quality verdict -> sample members (or the row's verdict/error); the
+    projection runs on ``device`` (the CPU, unless a :class:`DepthPairActor` passes its own)."""
 
-    def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False, recycle_after: int = 0):
+    def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False, recycle_after: int = 0,
+                 device: str = "cpu"):
         self.cfg, self.depth_weights, self.raw = cfg, depth_weights, raw
         self.recycle_after = recycle_after
+        self.pair_device, self.device = device, device_name(device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._count_batch()
+        return _rows_to_batch(self._pair(_rows(batch)), PAIR_COLUMNS)
+
+    def _pair(self, rows: list[dict]) -> list[dict]:
         out = []
-        for row in _rows(batch):
+        for row in rows:
             start = time.perf_counter()
             uri, index = str(row["uri"]), int(row["clip_index"])
             timings = json.loads(row["timings"])
@@ -191,6 +230,7 @@ class PairActor(Recycled):
                       "clip_index": index, "status": row["status"], "reason": row["reason"],
                       "message": row["message"], "frames": 0, "worker": f"{socket.gethostname()}:{os.getpid()}", "scores": {}}
             members = None
+            placement = json.loads(row.get("placement") or "{}")
             if row["status"] == SampleStatus.PENDING.value:
                 meta = json.loads(row["clip_meta"])
                 clip = Clip(unpack(row["frames"]), tuple(meta["indices"]), meta["fps"], tuple(meta["bucket"]))
@@ -199,16 +239,32 @@ class PairActor(Recycled):
                     result = raw_clip(clip, index, uri, probe, self.cfg)
                 else:
                     result = pair_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
-                                       self.depth_weights)
+                                       self.depth_weights, device=self.pair_device)
                 record.update(status=result.status.value, reason=result.reason, message=None, scores=result.scores,
                               frames=len(clip.indices))
                 members = result.members
                 timings["pair"] = time.perf_counter() - start
+                placement["pair"] = self.device
+            record["placement"] = placement
             out.append({"shard": row["shard"], "input_index": row["input_index"], "uri": uri, "clip_index": index,
                         "clips": row["clips"], "record": json.dumps(record, default=float),
                         "members": pack_members(members) if members is not None else b"",
                         "timings": json.dumps(timings)})
-        return _rows_to_batch(out, PAIR_COLUMNS)
+        return out
+
+
+class DepthPairActor(DepthActor, PairActor):
+    """Depth, then the pair stage, in one actor on the depth model's device (``resources.pair_placement=
+    depth``): the clip's disparity stays in this process, and the projection runs where depth ran. Same
+    rows in and out as ``DepthActor`` followed by ``PairActor``, so the same samples."""
+
+    def __init__(self, cfg, device: str = "cpu", depth_weights: str | None = None, recycle_after: int = 0):
+        DepthActor.__init__(self, cfg, device, recycle_after)
+        PairActor.__init__(self, cfg, depth_weights, raw=False, recycle_after=recycle_after, device=device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._count_batch()
+        return _rows_to_batch(self._pair(self._depth(_rows(batch))), PAIR_COLUMNS)
 
 
 class WriteActor:
@@ -236,6 +292,7 @@ def write_batch(batch: dict[str, np.ndarray], storage) -> dict[str, np.ndarray]:
             except StorageError as exc:  # a full or unreachable output: the driver ends the job with this line
                 record["staging_error"] = str(exc)  # (raised here, Ray would print its traceback instead)
             timings["write"] = time.perf_counter() - start
+            record.setdefault("placement", {})["write"] = "cpu"
         out.append({"shard": row["shard"], "input_index": row["input_index"], "clips": row["clips"],
                     "record": json.dumps(record), "timings": json.dumps(timings)})
     return _rows_to_batch(out, WRITE_COLUMNS)

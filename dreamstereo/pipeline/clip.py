@@ -108,9 +108,11 @@ def model_relative(backend, frames: np.ndarray) -> np.ndarray | SampleError:
 
 
 def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relative: np.ndarray | SampleError,
-              cfg: ClipConfig, depth_weights: str | None, *, make_preview: bool = False) -> ClipResult:
+              cfg: ClipConfig, depth_weights: str | None, *, make_preview: bool = False,
+              device: str = "cpu") -> ClipResult:
     """Disparity -> PBDP pair -> verdict -> members for one decoded clip with its relative disparity (or the
-    depth stage's error), plus a contact sheet when ``make_preview``."""
+    depth stage's error), plus a contact sheet when ``make_preview``. The projection runs on ``device`` (the
+    caller's choice: ``resources.pair_placement``); everything else on the host."""
     if isinstance(relative, SampleError):
         return ClipResult.from_error(source, clip_index, relative)
     key = make_key(source, clip_index)
@@ -122,7 +124,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
         return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(pre))
     max_disparity = sample_max_disparity(key, cfg.disparity)
     disparity_px = normalize_disparity(relative, width, max_disparity, cfg.disparity.convergence)
-    pair = make_pair(frames, disparity_px, key, cfg.pairs)
+    pair = make_pair(frames, disparity_px, key, cfg.pairs, device=device)
     scores = score_quality(frames, relative, pair.mask)
     verdict = decide(scores, cfg.quality)
     if not verdict.keep:

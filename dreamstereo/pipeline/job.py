@@ -3,7 +3,8 @@
 Order of work: check the output (fail fast) -> read the input list -> split it into shards -> skip the
 shards already committed (their stats file exists) -> stream the pending inputs through the Ray Data
 graph (``decode`` tasks -> ``DepthActor`` pool -> ``PairActor`` pool -> ``WriteActor`` pool staging each
-kept sample in the output) -> the driver routes the records (no sample bytes) to their shard and starts a
+kept sample in the output; with ``resources.pair_placement=depth`` one ``DepthPairActor`` pool does depth
+and pairs on the depth device) -> the driver routes the records (no sample bytes) to their shard and starts a
 commit task (tar, parquet, stats last) as soon as all its inputs are accounted for -> ``manifest.json``
 lists the committed shards and the run summary. Rerunning the same command skips committed shards and
 redoes partial ones, so nothing is duplicated and nothing is lost.
@@ -29,13 +30,28 @@ from dreamstereo import __version__
 from dreamstereo.config import config_hash, to_plain, to_yaml
 from dreamstereo.io.shards import STAGING_DIR, STATUSES, commit_staged, committed_shards, shard_name
 from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
-from dreamstereo.pipeline.actors import CONTRACT, INPUT_COLUMNS, DepthActor, PairActor, WriteActor, decode_batch
+from dreamstereo.pipeline.actors import (
+    CONTRACT,
+    INPUT_COLUMNS,
+    DepthActor,
+    DepthPairActor,
+    PairActor,
+    WriteActor,
+    decode_batch,
+)
 from dreamstereo.pipeline.clip import ClipConfig
 from dreamstereo.pipeline.manifest import InputConfig, check_input_access, group_into_shards, read_inputs
 from dreamstereo.stages.depth import DepthBackendName
 from dreamstereo.types import RETRYABLE_CODES, SampleStatus, UserError, original_error
 
 logger = logging.getLogger(__name__)
+
+
+class PairPlacement(str, enum.Enum):
+    """Where the pair stage (disparity -> PBDP -> verdict -> members) runs."""
+
+    CPU = "cpu"  # its own pool of CPU actors (PairActor)
+    DEPTH = "depth"  # inside each depth actor, on its device, right after depth (DepthPairActor)
 
 
 @dataclasses.dataclass
@@ -49,8 +65,13 @@ class ResourcesConfig:
     depth_num_gpus: float = 0.0  # GPUs per depth actor (1 on a GPU cluster)
     depth_num_cpus: float = 0.5
     depth_device: str = "cpu"  # cuda when depth_num_gpus > 0
-    pair_actors: int = 1  # PBDP / filter / encode replicas
+    pair_actors: int = 1  # PBDP / filter / encode replicas (pair_placement=cpu)
     pair_num_cpus: float = 0.5
+    # `depth`: the pair stage runs in the depth actors on depth_device (a GPU on a cluster), so disparity
+    # never leaves the depth process and the depth actors need CPUs for the encoding (depth_num_cpus); no
+    # pair pool then. Only with a depth model: with the oracle backend or mode=raw there is no depth actor,
+    # and pairs run on the CPU pool. docs/benchmarks.md, "Capacity plan", sizes both.
+    pair_placement: PairPlacement = PairPlacement.CPU
     write_actors: int = 1  # processes staging finished samples in the output (I/O bound)
     write_num_cpus: float = 0.1  # per writer, and per shard-commit task
     batch_size: int = 1  # clips per batch through each operator
@@ -122,7 +143,11 @@ def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
     res = cfg.resources
     raw = cfg.mode is GenerateMode.RAW
     model_depth = not raw and cfg.process.depth.backend is not DepthBackendName.ORACLE
-    check_contract([name for name, _, _ in CONTRACT if name != "depth" or model_depth])
+    fused = model_depth and res.pair_placement is PairPlacement.DEPTH
+    if res.pair_placement is PairPlacement.DEPTH and not fused:
+        logger.warning("resources.pair_placement=depth: no depth model runs (%s), so pairs run on the CPU pair "
+                       "actors", "mode=raw" if raw else "oracle depth")
+    check_contract(graph_operators(model_depth, fused))
     # Every retry is bounded (Ray Data's defaults are -1: forever); decode crashes are already contained
     # in a child process (pipeline/isolate.py), so these only cover workers lost to the machine.
     rows = len(items) * cfg.process.decode.max_clips  # clip rows at most (an input without clips: one)
@@ -130,28 +155,38 @@ def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
     ds = ray.data.from_items(items)
     ds = ds.map_batches(decode_batch, batch_size=1, num_cpus=res.decode_num_cpus, max_retries=res.worker_retries,
                         fn_kwargs={"cfg": cfg.process, "s3": cfg.s3, "raw": raw})
-    if model_depth:
-        ds = ds.map_batches(DepthActor, batch_size=res.batch_size, num_cpus=res.depth_num_cpus,
-                            num_gpus=res.depth_num_gpus or None, compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
-                            fn_constructor_kwargs={"cfg": cfg.process, "device": res.depth_device,
-                                                   "recycle_after": res.recycle_after}, **recycled)
     depth_weights = cfg.process.depth.resolved_weights() if model_depth else None
-    ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
-                        fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
-                                               "recycle_after": res.recycle_after}, **recycled)
+    if model_depth:
+        depth_kwargs = {"cfg": cfg.process, "device": res.depth_device, "recycle_after": res.recycle_after}
+        ds = ds.map_batches(DepthPairActor if fused else DepthActor, batch_size=res.batch_size,
+                            num_cpus=res.depth_num_cpus, num_gpus=res.depth_num_gpus or None,
+                            compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
+                            fn_constructor_kwargs={**depth_kwargs, **({"depth_weights": depth_weights} if fused else {})},
+                            **recycled)
+    if not fused:
+        ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
+                            compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
+                            fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
+                                                   "recycle_after": res.recycle_after}, **recycled)
     return ds.map_batches(WriteActor, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=res.write_actors),
                           max_restarts=res.worker_retries, max_task_retries=res.worker_retries,
                           fn_constructor_kwargs={"output": output, "s3": cfg.s3})
 
 
+def graph_operators(model_depth: bool, fused: bool) -> list[str]:
+    """The operators of the graph :func:`build_dataset` builds, in order (names as in ``CONTRACT``)."""
+    middle = ["depth+pair"] if fused else (["depth"] if model_depth else []) + ["pair"]
+    return ["decode", *middle, "write", "driver"]
+
+
 def check_contract(operators: list[str]) -> None:
-    """Every column an operator reads must be written by the operator before it (or be an input column)."""
+    """Every column an operator reads must be written by the operator before it (or be an input column);
+    ``operators`` in graph order, names as in ``CONTRACT``."""
+    declared = {name: (reads, writes) for name, reads, writes in CONTRACT}
     available = set(INPUT_COLUMNS)
-    for name, reads, writes in CONTRACT:
-        if name not in operators:
-            continue
+    for name in operators:
+        reads, writes = declared[name]
         missing = set(reads) - available
         if missing:
             raise RuntimeError(f"pipeline graph: {name} reads {sorted(missing)}, which nothing upstream writes")
@@ -404,6 +439,7 @@ def _recorded_summary(storage, cfg, shards: int) -> dict | None:
 def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int]) -> dict:
     """``manifest.json``: committed shards (path, samples, bytes, sha256) and the run summary."""
     entries, totals, reasons, stage_seconds = [], collections.Counter(), collections.Counter(), collections.Counter()
+    placement: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for k in sorted(committed_shards(storage) & set(range(len(shards)))):
         stats = json.loads(storage.read_bytes(shard_name(k, "stats.json")))
         entries.append({"shard": k, "path": shard_name(k, "tar"), "num_samples": stats["samples"],
@@ -412,6 +448,8 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
             totals[key] += stats[key]
         reasons.update(stats["reasons"])
         stage_seconds.update(stats.get("seconds_per_stage", {}))
+        for stage, devices in stats.get("stage_placement", {}).items():  # absent in shards of earlier versions
+            placement[stage].update(devices)
     summary = {
         "version": __version__, "config_hash": config_hash(cfg), "inputs": sum(len(s) for s in shards),
         "shards": len(shards), "committed_shards": len(entries), "failed_shards": failed_shards,
@@ -420,6 +458,8 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         # Worker seconds per stage summed over every clip, and the clips/s one worker sustains in it.
         "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
         "stage_clips_per_s": {k: round(totals["count"] / v, 2) for k, v in sorted(stage_seconds.items()) if v > 0},
+        # Clips per stage and the device that ran the stage for them (cpu, cuda:0, ...).
+        "stage_placement": {k: dict(sorted(v.items())) for k, v in sorted(placement.items())},
     }
     storage.write_bytes("manifest.json", json.dumps({"summary": summary, "shards": entries}, indent=2).encode())
     return summary
@@ -430,7 +470,9 @@ def format_summary(summary: dict) -> str:
              f"clips {summary['clips']}: {summary['samples']} samples, {summary['rejected']} rejected, "
              f"{summary['failed']} failed, {summary['wall_seconds']} s"]
     lines += [f"  {reason}: {count}" for reason, count in summary["reasons"].items()]
+    placement = summary.get("stage_placement", {})
     lines += [f"  stage {stage}: {summary['stage_seconds'][stage]:.1f} worker-s, {rate} clips/s per worker"
+              + (f" (on {', '.join(sorted(placement[stage]))})" if placement.get(stage) else "")
               for stage, rate in summary.get("stage_clips_per_s", {}).items()]
     if summary["failed_shards"]:
         lines.append(f"  shards that did not commit (rerun to retry): {summary['failed_shards']}")

@@ -49,12 +49,15 @@ class TrainingPair:
     flipped: bool
 
 
-def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairConfig) -> TrainingPair:
+def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairConfig, *,
+              device: str | torch.device = "cpu") -> TrainingPair:
     """Double-project a clip into a training pair; the flip (if any) is seeded from ``key``.
 
     Args:
         frames: ``(T, H, W, 3) uint8`` clip. disparity_px: ``(T, H, W)`` float pixels, larger = nearer.
         key: the sample key (seeds the flip). cfg: pair settings.
+        device: where the projection runs, chosen by the caller (``resources.pair_placement``: the depth
+            actor's device, or the CPU); the returned arrays are host numpy arrays either way.
     """
     if frames.shape[:3] != disparity_px.shape:
         raise ValueError(f"`disparity_px` shape {disparity_px.shape} does not match `frames` {frames.shape[:3]}")
@@ -62,9 +65,10 @@ def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairC
     if flipped:
         frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
     direction = training_direction(cfg.synthesized_eye)
-    view = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
-    disp = torch.from_numpy(np.ascontiguousarray(disparity_px, dtype=np.float32))
-    result = double_project(view, disp, direction, **cfg.warp.options())
-    warped = result.view1.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return TrainingPair(clean=np.ascontiguousarray(frames), warped=warped, mask=result.mask1.numpy(),
-                        disparity=disp.numpy(), direction=direction, flipped=flipped)
+    view = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # uint8 travels, float is made there
+    view = view.permute(0, 3, 1, 2).float().div_(255.0)  # (T, H, W, 3) -> (T, 3, H, W)
+    disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
+    result = double_project(view, torch.from_numpy(disparity).to(device), direction, **cfg.warp.options())
+    warped = result.view1.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return TrainingPair(clean=np.ascontiguousarray(frames), warped=warped, mask=result.mask1.cpu().numpy(),
+                        disparity=disparity, direction=direction, flipped=flipped)

@@ -88,9 +88,10 @@ def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
         part = stage_sample(storage, 4, key, members[key[0]])
         assert read_staged(storage, part, key) == members[key[0]]  # staging round trip is exact
         records.append({"key": key, "source": f"{key[0]}.mp4", "input_index": index, "clip_index": 0,
-                        "status": "ok", "reason": None, "scores": {}, "part": part})
+                        "status": "ok", "reason": None, "scores": {}, "part": part,
+                        "placement": {"decode": "cpu", "depth": "cuda:0", "pair": "cuda:0", "write": "cpu"}})
     records.append({"key": "c-00000000-c000", "source": "c.mp4", "input_index": 2, "clip_index": 0,
-                    "status": "failed", "reason": "decode_failed", "scores": {}})
+                    "status": "failed", "reason": "decode_failed", "scores": {}, "placement": {"decode": "cpu"}})
     stats = commit_staged(storage, 4, records, {"pair": 2.0}, config_hash="h")
     assert (stats["count"], stats["samples"], stats["failed"]) == (3, 2, 1)
     samples = list(wds.WebDataset(str(tmp_path / "out" / shard_name(4, "tar")), shardshuffle=False))
@@ -98,6 +99,11 @@ def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
     assert samples[1]["rgb.mp4"] == b"video-b"
     table = pq.read_table(tmp_path / "out" / shard_name(4, "parquet")).to_pylist()
     assert [r["key"][0] for r in table] == ["a", "b", "c"] and "part" not in table[0]
+    # Where each stage ran: per record in the parquet, counted per stage and device in the stats.
+    assert [json.loads(r["placement"]) for r in table] == [records[1]["placement"], records[0]["placement"],
+                                                          {"decode": "cpu"}]
+    assert stats["stage_placement"] == {"decode": {"cpu": 3}, "depth": {"cuda:0": 2}, "pair": {"cuda:0": 2},
+                                        "write": {"cpu": 2}}
     assert storage.list("_staging/") == []
     writes = len(storage.order)
     assert commit_staged(storage, 4, records) == stats and len(storage.order) == writes  # a retried task

@@ -135,7 +135,8 @@ def test_depth_actor_fills_relative_of_pending_rows_and_leaves_failed_rows_untou
         assert relative.shape == (9, 64, 96) and relative.dtype == np.float32
         assert np.array_equal(relative, backend(unpack(batch["frames"][i])))  # this row's own frames
         assert out["status"][i] == "pending" and set(json.loads(out["timings"][i])) == {"decode", "depth"}
-        assert all(out[k][i] == batch[k][i] for k in DECODE_COLUMNS if k not in ("relative", "timings"))
+        assert all(out[k][i] == batch[k][i] for k in DECODE_COLUMNS if k not in ("relative", "timings", "placement"))
+        assert json.loads(out["placement"][i]) == {"decode": "cpu", "depth": "cpu"}  # where each stage ran
     assert all(out[k][2] == batch[k][2] for k in DECODE_COLUMNS)  # the failed row passes through as it was
 
 
@@ -153,11 +154,13 @@ def test_pair_actor_turns_a_pending_row_into_a_kept_record_and_passes_bad_rows_t
         assert set(members) == MEMBERS
         assert json.loads(members["json"])["key"] == record["key"]  # the sample names itself
         assert set(json.loads(out["timings"][i])) == {"decode", "pair"}
+        assert record["placement"] == {"decode": "cpu", "pair": "cpu"}
     for i in (2, 3, 4):  # corrupt, no input, too short: their verdict, no members, nothing computed
         record = records[i]
         assert (record["status"], record["reason"]) == (decoded["status"][i], decoded["reason"][i])
         assert record["message"] == decoded["message"][i] and record["frames"] == 0 and record["scores"] == {}
         assert out["members"][i] == b"" and json.loads(out["timings"][i]) == json.loads(decoded["timings"][i])
+        assert record["placement"] == {"decode": "cpu"}  # only the stage that ran
 
 
 def test_write_batch_stages_the_members_of_kept_samples_and_records_their_part(decoded, tmp_path):
@@ -177,6 +180,7 @@ def test_write_batch_stages_the_members_of_kept_samples_and_records_their_part(d
             found = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
         assert found == {f"{key}.{ext}": data for ext, data in members.items()}  # byte for byte
         assert "staging_error" not in records[i] and "write" in json.loads(out["timings"][i])
+        assert records[i]["placement"] == {"decode": "cpu", "pair": "cpu", "write": "cpu"}
     for i in (2, 3, 4):  # nothing to stage: the record goes on unchanged
         assert records[i] == json.loads(pairs["record"][i]) and "write" not in json.loads(out["timings"][i])
 
@@ -196,7 +200,7 @@ def test_write_batch_on_an_unwritable_storage_records_the_staging_error(decoded,
 
 def test_each_operator_writes_exactly_its_declared_columns_and_the_next_reads_a_subset(decoded, tmp_path):
     from dreamstereo.io.storage import LocalStorage
-    from dreamstereo.pipeline.job import check_contract
+    from dreamstereo.pipeline.job import check_contract, graph_operators
 
     pairs = PairActor(_cfg("depth.backend=oracle"))(decoded)
     produced = {"decode": set(decoded), "pair": set(pairs), "write": set(write_batch(pairs, LocalStorage(tmp_path)))}
@@ -206,6 +210,72 @@ def test_each_operator_writes_exactly_its_declared_columns_and_the_next_reads_a_
     assert declared["depth"][0] <= produced["decode"] and declared["depth"][1] == produced["decode"]
     assert declared["pair"][0] <= produced["decode"] and declared["write"][0] <= produced["pair"]
     assert declared["driver"][0] <= produced["write"]
-    check_contract([name for name, _, _ in CONTRACT])  # the whole chain, as the job checks it
+    for model_depth, fused in ((False, False), (True, False), (True, True)):  # every graph the job builds
+        check_contract(graph_operators(model_depth, fused))
+    assert graph_operators(True, True) == ["decode", "depth+pair", "write", "driver"]
     with pytest.raises(RuntimeError, match=r"write reads \['members'"):
         check_contract(["decode", "write", "driver"])  # a graph without the pair operator
+
+
+# ----------------------------------------------------------------------------------------------------
+# resources.pair_placement=depth: the pair stage inside the depth actor, on its device.
+
+
+def _model_cfg(weights: str) -> ClipConfig:
+    return _cfg("depth.backend=depth-anything-v2", f"depth.weights={weights}", "depth.input_size=56",
+                "depth.batch_size=9", "quality.mask_ratio=[0.0,1.0]")
+
+
+def test_depth_pair_actor_makes_the_same_samples_as_depth_then_pair(videos, tiny_dav2):
+    """On CPU, the two placements give the same records, the same json/mask/disparity bytes and the same
+    videos up to H.264's own noise; each records where its stages ran."""
+    from dreamstereo.io.sample import read_sample
+    from dreamstereo.pipeline.actors import DepthPairActor
+
+    cfg = _model_cfg(tiny_dav2)
+    batch = decode_batch(_inputs((videos["scene"], ""), (videos["corrupt"], "")), cfg=cfg)
+    apart = PairActor(cfg, depth_weights=tiny_dav2)(DepthActor(cfg)(batch))
+    fused = DepthPairActor(cfg, depth_weights=tiny_dav2)(batch)
+    declared = {name: set(writes) for name, _, writes in CONTRACT}
+    assert set(fused) == set(apart) == declared["depth+pair"] == declared["pair"]
+    assert [json.loads(t).keys() for t in fused["timings"]] == [json.loads(t).keys() for t in apart["timings"]]
+    records_apart = [json.loads(r) for r in apart["record"]]
+    records_fused = [json.loads(r) for r in fused["record"]]
+    assert records_fused == records_apart  # keys, verdicts, scores, placement (all cpu here), worker
+    assert [r["status"] for r in records_fused] == ["ok", "ok", "failed"]
+    assert records_fused[0]["placement"] == {"decode": "cpu", "depth": "cpu", "pair": "cpu"}
+    assert records_fused[2]["placement"] == {"decode": "cpu"} and fused["members"][2] == b""
+    for i in (0, 1):
+        a, b = unpack_members(apart["members"][i]), unpack_members(fused["members"][i])
+        assert set(a) == set(b) == MEMBERS
+        for name in ("json", "mask.npz", "disp.npz"):
+            assert a[name] == b[name], name
+        sample_a, sample_b = read_sample(a), read_sample(b)
+        assert sample_a.mask.any()  # a real pair, with holes
+        for name in ("clean", "warped"):
+            diff = np.abs(getattr(sample_a, name).astype(int) - getattr(sample_b, name).astype(int))
+            assert 10 * np.log10(255**2 / max(np.mean(diff**2), 1e-12)) > 35, name
+
+
+def test_device_names_are_recorded_as_the_stage_used_them():
+    from dreamstereo.pipeline.actors import device_name
+
+    assert device_name("cpu") == "cpu" and device_name("cuda:1") == "cuda:1"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_a_pair_on_cuda_matches_the_cpu_pair(videos):
+    """make_pair with the device its caller chose: the same pair on the GPU as on the CPU, up to float
+    rounding (a pixel's uint8 value by at most 1, a mask pixel on a threshold)."""
+    from dreamstereo.stages.pairs import make_pair
+
+    cfg = _cfg("depth.backend=oracle")
+    row = _row(decode_batch(_inputs((videos["scene"], "")), cfg=cfg), 0)
+    frames, disparity = unpack(row["frames"]), unpack(row["relative"]) * 12.0  # up to ~12 px of disparity
+    cpu = make_pair(frames, disparity, "k", cfg.pairs)
+    gpu = make_pair(frames, disparity, "k", cfg.pairs, device="cuda")
+    assert gpu.warped.dtype == np.uint8 and gpu.mask.dtype == bool and np.array_equal(gpu.clean, cpu.clean)
+    assert np.array_equal(gpu.disparity, cpu.disparity) and cpu.mask.any()
+    assert np.mean(gpu.mask != cpu.mask) < 1e-3
+    assert np.abs(gpu.warped.astype(int) - cpu.warped.astype(int)).max() <= 1

@@ -350,3 +350,38 @@ def test_a_commit_on_a_full_disk_fails_once_and_the_driver_gets_its_storage_erro
     assert str(error) == f"cannot write {str(out / 'shards' / '000000.tar')!r}: No space left on device [ENOSPC]"
     assert storage_error(RuntimeError("a bug")) is None
     assert [n for n in tiny_disk.files() if "/shards/" in n or "/." in n] == []
+
+
+def test_pairs_on_the_depth_actor_give_the_same_shards_as_pairs_on_cpu_actors(capsys, ray_session, corpus, tmp_path,
+                                                                              tiny_dav2):
+    """resources.pair_placement=depth (the pair stage inside the depth actors) against the default CPU pair
+    pool, with a real (tiny) depth model: the same records and the same json/mask/disparity bytes (videos up
+    to H.264's own noise), and the manifest says where each stage ran."""
+    args = ["--input", str(corpus / "scene[01].mp4"), *SMALL, "process.depth.backend=depth-anything-v2",
+            f"process.depth.weights={tiny_dav2}", "process.depth.input_size=56", "process.depth.batch_size=9",
+            "process.quality.mask_ratio=[0.0,1.0]", "process.decode.max_clips=1"]
+    runs = {}
+    for placement in ("cpu", "depth"):
+        code, captured = _run(capsys, "generate", "--output", str(tmp_path / placement), *args,
+                              f"resources.pair_placement={placement}")
+        assert code == 0, captured.err
+        runs[placement] = _read_all(LocalStorage(tmp_path / placement))
+    (m_cpu, s_cpu, r_cpu), (m_dep, s_dep, r_dep) = runs["cpu"], runs["depth"]
+
+    def rows(found):
+        return sorted(({k: v for k, v in r.items() if k != "worker"} for r in found), key=lambda r: r["key"])
+
+    assert rows(r_dep) == rows(r_cpu) and len(r_cpu) == 2 and sorted(s_dep) == sorted(s_cpu) and len(s_cpu) == 2
+    for key in s_cpu:
+        for name in ("json", "mask.npz", "disp.npz"):
+            assert s_dep[key][name] == s_cpu[key][name], name
+        a, b = read_sample(s_dep[key]), read_sample(s_cpu[key])
+        for name in ("clean", "warped"):
+            diff = np.abs(getattr(a, name).astype(int) - getattr(b, name).astype(int))
+            assert 10 * np.log10(255**2 / max(np.mean(diff**2), 1e-12)) > 35, name
+    expected = {"decode": {"cpu": 2}, "depth": {"cpu": 2}, "pair": {"cpu": 2}, "write": {"cpu": 2}}
+    assert m_dep["summary"]["stage_placement"] == m_cpu["summary"]["stage_placement"] == expected
+    stats = json.loads((tmp_path / "depth" / "shards" / "000000_stats.json").read_text())
+    assert stats["stage_placement"] == expected  # shard 0 holds both inputs (shard_size=2)
+    assert all(json.loads(r["placement"]) == {"decode": "cpu", "depth": "cpu", "pair": "cpu", "write": "cpu"}
+               for r in r_dep)
