@@ -2,7 +2,7 @@
 
 A sample is a set of members that share a key (docs/dataset-format.md):
 
-``<key>.rgb.mp4``     V1, the clean clip, H.264 yuv420p (crf 10), faststart
+``<key>.rgb.mp4``     V1, the clean clip, H.264 yuv420p (crf 10, x264 veryfast, one thread), faststart
 ``<key>.warped.mp4``  V1', the double-projection round trip, same encoding
 ``<key>.mask.npz``    M1, bit-packed along the width (``bits``) with its ``shape``; lossless
 ``<key>.disp.npz``    disparity of V1 in pixels (``disparity``, float16)
@@ -34,9 +34,12 @@ from dreamstereo.types import UserError
 
 MEMBERS = ("rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json")
 RAW_MEMBERS = ("rgb.mp4", "json")  # `generate mode=raw`: clean clips for Stage 1 training
-FORMAT_VERSION = 1
-VIDEO_CRF = 10  # H.264 quality of rgb.mp4 and warped.mp4
-VIDEO_PRESET = "medium"  # x264 preset
+FORMAT_VERSION = 2  # 2: x264 veryfast on one thread (issue 12); 1: medium with x264's threads. Read alike.
+# How rgb.mp4 and warped.mp4 are encoded (docs/benchmarks.md, "Sample encoding (issue 12)"): against medium,
+# veryfast costs 0.36-0.42x the CPU for -0.25 dB at the same size; one thread makes the bytes reproducible.
+VIDEO_CRF = 10
+VIDEO_PRESET = "veryfast"
+VIDEO_THREADS = 1
 
 
 class SampleFormatError(UserError, ValueError):
@@ -123,7 +126,7 @@ class SampleEncoder:
         try:
             for member in ("rgb.mp4", "warped.mp4"):
                 self._videos[member] = media.VideoWriter(self._tmp / member, fps, crf=VIDEO_CRF,
-                                                         preset=VIDEO_PRESET)
+                                                         preset=VIDEO_PRESET, threads=VIDEO_THREADS)
         except BaseException:
             self.close()
             raise
@@ -194,7 +197,8 @@ def encode_sample(clean: np.ndarray, warped: np.ndarray, mask: np.ndarray, dispa
 
 def encode_raw_sample(clean: np.ndarray, meta: dict, fps: float) -> dict[str, bytes]:
     """The members of a raw clip (``rgb.mp4`` + ``json``), for Stage 1 training on random masks."""
-    return {"rgb.mp4": media.encode_video_bytes(clean, fps, crf=VIDEO_CRF, preset=VIDEO_PRESET),
+    return {"rgb.mp4": media.encode_video_bytes(clean, fps, crf=VIDEO_CRF, preset=VIDEO_PRESET,
+                                                 threads=VIDEO_THREADS),
             "json": json.dumps({**meta, "format_version": FORMAT_VERSION}, sort_keys=True).encode()}
 
 

@@ -125,7 +125,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
     max_disparity = sample_max_disparity(key, cfg.disparity)
     bounds = disparity_bounds(relative)
     plan = plan_pair(key, cfg.pairs)
-    holes, sheet = 0, None
+    holes, sheet, first = 0, None, None
     # Frame chunk by frame chunk (issue 12): disparity in pixels, PBDP and the encoders see CHUNK_FRAMES frames
     # at a time, so what grows with the clip is only its decoded frames, its relative disparity and the
     # compressed members. Every step is per frame, so the arrays are those of the whole clip at once.
@@ -137,13 +137,9 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
             part = pair_frames(frames[start:stop], disparity_px, plan, cfg.pairs)
             holes += int(np.count_nonzero(part.mask))
             encoder.add(part.clean, part.warped, part.mask, part.disparity)
-            if make_preview and start == 0:
-                sheet = preview.contact_sheet([
-                    ("frame", part.clean[0]),
-                    ("disparity", preview.colourize_disparity(part.disparity[0])),
-                    ("round trip", part.warped[0]),
-                    ("mask", preview.overlay_mask(part.clean[0], part.mask[0])),
-                ])
+            if make_preview and start == 0:  # the sheet is drawn after encoding: OpenCV drawing between
+                # encoder calls was seen to change x264's bytes (issue 12), so keep the first frame's arrays
+                first = [part.clean[0].copy(), part.disparity[0].copy(), part.warped[0].copy(), part.mask[0].copy()]
             del part, disparity_px
         # = score_quality(frames, relative, mask) of the whole mask: the other scores do not depend on it, and
         # mask.mean() of a bool array is its count over its size in float64
@@ -162,8 +158,12 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
             "warp": to_plain(cfg.pairs.warp), "config_hash": chain_hash(cfg), "package_version": __version__,
         }
         members = encoder.finish(meta)
+    if make_preview:
+        clean0, disparity0, warped0, mask0 = first
+        sheet = preview.contact_sheet([("frame", clean0), ("disparity", preview.colourize_disparity(disparity0)),
+                                       ("round trip", warped0), ("mask", preview.overlay_mask(clean0, mask0))])
     return ClipResult(key, clip_index, SampleStatus.OK, None, dataclasses.asdict(scores), members=members,
-                      preview=sheet if make_preview else None)
+                      preview=sheet)
 
 
 def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: ClipConfig) -> ClipResult:
