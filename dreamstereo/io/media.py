@@ -392,8 +392,7 @@ class VideoWriter:
             self._stream = self._container.add_stream(codec, rate=_fps_fraction(fps))
             self._stream.pix_fmt = "bgr0" if lossless else "yuv420p"
             if not lossless:
-                # threads=1: the same frames give the same bytes run to run (x264's own threading does not
-                # promise that); None lets x264 choose
+                # threads: x264's threads (None: x264 chooses); see io/sample.py VIDEO_THREADS
                 self._stream.options = {"crf": str(crf), "preset": preset,
                                         **({} if threads is None else {"threads": str(threads)})}
         except BaseException:

@@ -36,7 +36,8 @@ MEMBERS = ("rgb.mp4", "warped.mp4", "mask.npz", "disp.npz", "json")
 RAW_MEMBERS = ("rgb.mp4", "json")  # `generate mode=raw`: clean clips for Stage 1 training
 FORMAT_VERSION = 2  # 2: x264 veryfast on one thread (issue 12); 1: medium with x264's threads. Read alike.
 # How rgb.mp4 and warped.mp4 are encoded (docs/benchmarks.md, "Sample encoding (issue 12)"): against medium,
-# veryfast costs 0.36-0.42x the CPU for -0.25 dB at the same size; one thread makes the bytes reproducible.
+# veryfast costs 0.38x the CPU for -0.35 dB at the same size. One thread: a worker per core already keeps the
+# cores busy in `generate`, and x264 then holds far fewer frames (docs/benchmarks.md, "Memory per clip").
 VIDEO_CRF = 10
 VIDEO_PRESET = "veryfast"
 VIDEO_THREADS = 1

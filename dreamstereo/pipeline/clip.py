@@ -137,8 +137,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
             part = pair_frames(frames[start:stop], disparity_px, plan, cfg.pairs)
             holes += int(np.count_nonzero(part.mask))
             encoder.add(part.clean, part.warped, part.mask, part.disparity)
-            if make_preview and start == 0:  # the sheet is drawn after encoding: OpenCV drawing between
-                # encoder calls was seen to change x264's bytes (issue 12), so keep the first frame's arrays
+            if make_preview and start == 0:  # the first frame's arrays, for a sheet drawn once the sample is made
                 first = [part.clean[0].copy(), part.disparity[0].copy(), part.warped[0].copy(), part.mask[0].copy()]
             del part, disparity_px
         # = score_quality(frames, relative, mask) of the whole mask: the other scores do not depend on it, and
