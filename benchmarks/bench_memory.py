@@ -3,7 +3,8 @@
 Each run is a fresh process (so runs share no heap): the whole ``dreamstereo process`` command (peak RSS of
 the command's own process, from ``wait4``; the decode child that ``pipeline/isolate.py`` forks is reported
 separately), and a staged run of the same chain in which a sampler thread reads ``VmRSS`` every 2 ms and
-keeps the peak of each stage. Depth is the oracle backend, reading a small synthetic disparity sidecar
+keeps the peak of each stage, and a PairActor (called directly, as Ray calls it) on the decode operator's
+row in a process of its own ("pair actor": its peak while it pairs, with its input row in memory). Depth is the oracle backend, reading a small synthetic disparity sidecar
 (289 x 90 x 160 float32, 17 MB), so the figures are the chain's own memory, not a depth model's.
 
     python benchmarks/bench_memory.py [--frames 49 81] [--video ../shared/data/videos/01_dog.mp4]
@@ -75,9 +76,10 @@ def run_command(video: Path, out: Path, frames: int) -> dict:
     return {"peak_rss_mb": usage.ru_maxrss / 1024, "seconds": time.perf_counter() - start, "output": stdout.strip()}
 
 
-def run_stages(video: Path, out: Path, frames: int) -> dict:
-    """The staged run, in a fresh process (this script with ``--child``)."""
-    argv = [sys.executable, __file__, "--child", str(video), str(out), str(frames)]
+def run_stages(video: Path, out: Path, frames: int, mode: str = "chain") -> dict:
+    """A staged run (``mode``: ``chain`` as ``process`` runs it, or ``actor``: the decode operator's row
+    through a PairActor, called directly as Ray calls it), in a fresh process (this script with ``--child``)."""
+    argv = [sys.executable, __file__, "--child", str(video), str(out), str(frames), mode]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -122,6 +124,28 @@ class StagePeaks:
         return {k: round(v, 1) for k, v in self.peaks.items()}
 
 
+def actor_child(video: str, frames: int) -> None:
+    """The decode operator's row for the clip, then a PairActor on it, under a sampler; prints JSON."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(1)
+    from dreamstereo.config import load_config
+    from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch
+    from dreamstereo.pipeline.clip import ClipConfig
+
+    cfg = load_config(ClipConfig, [], ["depth.backend=oracle", *_overrides(frames)])
+    row = {"shard": 0, "input_index": 0, "uri": video, "problem": ""}
+    decoded = decode_batch({k: np.array([row[k]], dtype=object) for k in INPUT_COLUMNS}, cfg=cfg)
+    actor = PairActor(cfg)
+    peaks = StagePeaks()
+    peaks.enter("pair actor (holding its input row)")
+    paired = actor(decoded)
+    stages = peaks.stop()
+    stages.pop("start", None)
+    print(json.dumps({"stages_peak_rss_mb": stages, "sample_bytes": len(paired["members"][0])}))
+
+
 def child(video: str, out: str, frames: int) -> None:
     """The chain of ``process``, stage by stage, under a :class:`StagePeaks` sampler; prints JSON."""
     import resource
@@ -159,10 +183,13 @@ def main() -> None:
     parser.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     parser.add_argument("--label", default="", help="a note stored with the result (e.g. before/after)")
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], args.child[1], int(args.child[2]))
+        if args.child[3] == "actor":
+            actor_child(args.child[0], int(args.child[2]))
+        else:
+            child(args.child[0], args.child[1], int(args.child[2]))
         return
     if not args.video.is_file():
         raise SystemExit(f"--video {str(args.video)!r}: no such file (the shared real videos are absent)")
@@ -173,6 +200,8 @@ def main() -> None:
         for frames in args.frames:
             whole = run_command(video, Path(tmp) / f"out-{frames}", frames)
             staged = run_stages(video, Path(tmp) / f"staged-{frames}", frames)
+            actor = run_stages(video, Path(tmp) / f"actor-{frames}", frames, "actor")
+            staged["stages_peak_rss_mb"].update(actor["stages_peak_rss_mb"])
             runs.append({"frames": frames, "process": whole, **staged})
     print(f"machine: {info['cpu']} ({info['cpu_count']} cores); video {args.video.name} -> "
           f"{BUCKET[0]}x{BUCKET[1]}, one clip, oracle depth")

@@ -11,7 +11,7 @@ import pytest
 
 from dreamstereo.config import load_config
 from dreamstereo.io.sample import encode_sample, make_key, read_sample
-from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch, unpack_members
+from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch, pack, unpack, unpack_members
 from dreamstereo.pipeline.clip import ClipConfig, ClipResult, oracle_relatives, pair_clip, read_input
 from dreamstereo.pipeline.process import ProcessConfig, run_process
 from dreamstereo.scenes import demo_scene, write_scene
@@ -127,3 +127,15 @@ def test_a_clip_worked_through_in_chunks_gives_the_whole_clip_sample(tmp_path):
         expected = _psnr(getattr(reference, name), getattr(whole, name))
         assert _psnr(getattr(sample, name), getattr(whole, name)) == pytest.approx(expected, abs=1.0), name
     assert result.preview is not None
+
+
+@pytest.mark.parametrize("array", [np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3),
+                                   np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+                                   np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))])
+def test_rows_carry_arrays_that_unpack_without_a_copy(array):
+    """Issue 12: a pair actor views its row's clip and disparity in place instead of copying them."""
+    data = pack(array)
+    got = unpack(data)
+    assert got.dtype == array.dtype and np.array_equal(got, array) and not got.flags.writeable
+    assert np.shares_memory(got, np.frombuffer(data, np.uint8))
+    assert unpack(b"") is None
