@@ -106,9 +106,9 @@ def npz(**arrays) -> bytes:
 def npz_fast(name: str, array: np.ndarray) -> bytes:
     """One array in an npz deflated at zlib level 1 (``np.savez_compressed`` uses the default, 6)."""
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-            np.lib.format.write_array(member, np.ascontiguousarray(array))
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive, \
+            archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.ascontiguousarray(array))
     return buffer.getvalue()
 
 
@@ -170,7 +170,8 @@ def main() -> None:
     settings = [("medium", 10, "auto")] + [(p, c, "1") for p in args.presets for c in args.crfs]
     for preset, crf, threads in settings:
         for member, view in views.items():
-            data, ms = cpu_ms(lambda: h264(view, preset=preset, crf=crf, threads=threads), args.repeats)
+            data, ms = cpu_ms(lambda v=view, p=preset, c=crf, n=threads: h264(v, preset=p, crf=c, threads=n),
+                              args.repeats)
             add(member, f"x264 {preset} crf {crf} threads={threads}", len(data), ms,
                 psnr(media.decode_video_bytes(data), view))
     reproducible = h264(pair.warped, preset="faster", crf=10, threads="1") == h264(pair.warped, preset="faster",
