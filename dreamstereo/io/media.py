@@ -379,7 +379,8 @@ class VideoWriter:
     Frames: ``(n, H, W, 3)`` RGB (uint8 or float in [0, 1]) or ``(n, H, W)`` bool/gray.
     """
 
-    def __init__(self, path: str | Path, fps: float = 24.0, *, lossless: bool = False, crf: int = 12):
+    def __init__(self, path: str | Path, fps: float = 24.0, *, lossless: bool = False, crf: int = 12,
+                 preset: str = "medium", threads: int | None = None):
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         tmp = self._atomic.__enter__()
@@ -391,7 +392,9 @@ class VideoWriter:
             self._stream = self._container.add_stream(codec, rate=_fps_fraction(fps))
             self._stream.pix_fmt = "bgr0" if lossless else "yuv420p"
             if not lossless:
-                self._stream.options = {"crf": str(crf), "preset": "medium"}
+                # threads: x264's threads (None: x264 chooses); see io/sample.py VIDEO_THREADS
+                self._stream.options = {"crf": str(crf), "preset": preset,
+                                        **({} if threads is None else {"threads": str(threads)})}
         except BaseException:
             self._atomic.__exit__(*sys.exc_info())
             raise
@@ -429,9 +432,9 @@ class VideoWriter:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 24.0, *, lossless: bool = False,
-                crf: int = 12) -> None:
+                crf: int = 12, preset: str = "medium", threads: int | None = None) -> None:
     """Encode all of ``frames`` into one file; see :class:`VideoWriter`."""
-    with VideoWriter(path, fps, lossless=lossless, crf=crf) as writer:
+    with VideoWriter(path, fps, lossless=lossless, crf=crf, preset=preset, threads=threads) as writer:
         writer.write(frames)
 
 
@@ -473,7 +476,8 @@ def _fps_fraction(fps: float):
     return Fraction(fps).limit_denominator(1001)
 
 
-def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 10) -> bytes:
+def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 10, preset: str = "medium",
+                       threads: int | None = None) -> bytes:
     """H.264 mp4 (yuv420p, faststart) of ``(T, H, W, 3)`` frames, returned as bytes.
 
     faststart rewrites the file after encoding, which FFmpeg only does on a named file, so the video is
@@ -481,7 +485,7 @@ def encode_video_bytes(frames: np.ndarray, fps: float, *, crf: int = 10) -> byte
     """
     with tempfile.TemporaryDirectory(prefix="dreamstereo-") as tmp:
         path = Path(tmp) / "clip.mp4"
-        write_video(path, frames, fps, crf=crf)
+        write_video(path, frames, fps, crf=crf, preset=preset, threads=threads)
         return path.read_bytes()
 
 

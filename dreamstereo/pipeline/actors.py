@@ -69,7 +69,19 @@ def pack(array: np.ndarray | None) -> bytes:
 
 
 def unpack(data: bytes) -> np.ndarray | None:
-    return np.load(io.BytesIO(data), allow_pickle=False) if data else None
+    """The array :func:`pack` wrote, as a read-only view of ``data`` (no copy: a pair actor then holds a clip's
+    frames and disparity once, not twice; issue 12)."""
+    if not data:
+        return None
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("packed array holds Python objects")
+    count = int(np.prod(shape, dtype=np.int64))
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 def pack_members(members: dict[str, bytes]) -> bytes:

@@ -16,18 +16,20 @@ import numpy as np
 from dreamstereo import __version__
 from dreamstereo.config import config_hash, to_plain
 from dreamstereo.io import preview
-from dreamstereo.io.sample import encode_raw_sample, encode_sample, make_key
+from dreamstereo.io.sample import SampleEncoder, encode_raw_sample, make_key
 from dreamstereo.io.sidecar import read_sidecar, sidecar_of
 from dreamstereo.io.storage import StorageError, read_uri, uri_exists
 from dreamstereo.pipeline.isolate import decode_contained
 from dreamstereo.stages.decode import Clip, DecodeConfig, VideoProbe
 from dreamstereo.stages.depth import DepthConfig, oracle_for_clips
 from dreamstereo.stages.disparity import (
+    CHUNK_FRAMES,
     DisparityConfig,
+    disparity_bounds,
     normalize_disparity,
     sample_max_disparity,
 )
-from dreamstereo.stages.pairs import PairConfig, make_pair
+from dreamstereo.stages.pairs import PairConfig, pair_frames, plan_pair
 from dreamstereo.stages.quality import QualityConfig, decide, score_quality
 from dreamstereo.types import ErrorCode, SampleError, SampleStatus
 
@@ -117,36 +119,50 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
         return ClipResult.from_error(source, clip_index, relative)
     key = make_key(source, clip_index)
     frames = clip.frames
-    width = frames.shape[2]
+    t, h, width = frames.shape[:3]
     pre = score_quality(frames, relative, None)
     verdict = decide(pre, cfg.quality, check_mask=False)
     if not verdict.keep:
         return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(pre))
     max_disparity = sample_max_disparity(key, cfg.disparity)
-    disparity_px = normalize_disparity(relative, width, max_disparity, cfg.disparity.convergence)
-    pair = make_pair(frames, disparity_px, key, cfg.pairs, device=device)
-    scores = score_quality(frames, relative, pair.mask)
-    verdict = decide(scores, cfg.quality)
-    if not verdict.keep:
-        return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(scores))
-    meta = {
-        **_clip_meta(key, clip, clip_index, source, probe),
-        "max_disparity": max_disparity, "max_disparity_px": max_disparity * width,
-        "convergence": cfg.disparity.convergence, "direction": pair.direction.value,
-        "synthesized_eye": cfg.pairs.synthesized_eye.value, "flip": pair.flipped,
-        "mask_ratio": scores.mask_ratio, "quality": dataclasses.asdict(scores),
-        "depth_backend": cfg.depth.backend.value, "depth_weights": depth_weights,
-        "warp": to_plain(cfg.pairs.warp), "config_hash": chain_hash(cfg), "package_version": __version__,
-    }
-    members = encode_sample(pair.clean, pair.warped, pair.mask, pair.disparity, meta, clip.fps)
-    sheet = None
+    bounds = disparity_bounds(relative)
+    plan = plan_pair(key, cfg.pairs)
+    holes, sheet, first = 0, None, None
+    # Frame chunk by frame chunk (issue 12): disparity in pixels, PBDP and the encoders see CHUNK_FRAMES frames
+    # at a time, so what grows with the clip is only its decoded frames, its relative disparity and the
+    # compressed members. Every step is per frame, so the arrays are those of the whole clip at once.
+    with SampleEncoder((t, h, width), clip.fps) as encoder:
+        for start in range(0, t, CHUNK_FRAMES):
+            stop = min(start + CHUNK_FRAMES, t)
+            disparity_px = normalize_disparity(relative[start:stop], width, max_disparity,
+                                               cfg.disparity.convergence, bounds=bounds)
+            part = pair_frames(frames[start:stop], disparity_px, plan, cfg.pairs, device=device)
+            holes += int(np.count_nonzero(part.mask))
+            encoder.add(part.clean, part.warped, part.mask, part.disparity)
+            if make_preview and start == 0:  # the first frame's arrays, for a sheet drawn once the sample is made
+                first = [part.clean[0].copy(), part.disparity[0].copy(), part.warped[0].copy(), part.mask[0].copy()]
+            del part, disparity_px
+        # = score_quality(frames, relative, mask) of the whole mask: the other scores do not depend on it, and
+        # mask.mean() of a bool array is its count over its size in float64
+        scores = dataclasses.replace(pre, mask_ratio=float(np.float64(holes) / np.float64(t * h * width)))
+        verdict = decide(scores, cfg.quality)
+        if not verdict.keep:
+            return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value,
+                              dataclasses.asdict(scores))
+        meta = {
+            **_clip_meta(key, clip, clip_index, source, probe),
+            "max_disparity": max_disparity, "max_disparity_px": max_disparity * width,
+            "convergence": cfg.disparity.convergence, "direction": plan.direction.value,
+            "synthesized_eye": cfg.pairs.synthesized_eye.value, "flip": plan.flipped,
+            "mask_ratio": scores.mask_ratio, "quality": dataclasses.asdict(scores),
+            "depth_backend": cfg.depth.backend.value, "depth_weights": depth_weights,
+            "warp": to_plain(cfg.pairs.warp), "config_hash": chain_hash(cfg), "package_version": __version__,
+        }
+        members = encoder.finish(meta)
     if make_preview:
-        sheet = preview.contact_sheet([
-            ("frame", pair.clean[0]),
-            ("disparity", preview.colourize_disparity(pair.disparity[0])),
-            ("round trip", pair.warped[0]),
-            ("mask", preview.overlay_mask(pair.clean[0], pair.mask[0])),
-        ])
+        clean0, disparity0, warped0, mask0 = first
+        sheet = preview.contact_sheet([("frame", clean0), ("disparity", preview.colourize_disparity(disparity0)),
+                                       ("round trip", warped0), ("mask", preview.overlay_mask(clean0, mask0))])
     return ClipResult(key, clip_index, SampleStatus.OK, None, dataclasses.asdict(scores), members=members,
                       preview=sheet)
 
@@ -155,7 +171,8 @@ def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: C
     """A clean clip for Stage 1: the quality checks that need no depth, then ``rgb.mp4`` + ``json``."""
     key = make_key(source, clip_index)
     frames = clip.frames
-    scores = score_quality(frames, np.zeros(frames.shape[:3], np.float32), None)
+    no_depth = np.broadcast_to(np.float32(0.0), frames.shape[:3])  # a view: no clip-sized array of zeros
+    scores = score_quality(frames, no_depth, None)
     verdict = decide(scores, cfg.quality, check_mask=False, check_depth=False)
     if not verdict.keep:
         return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(scores))

@@ -148,11 +148,13 @@ def oracle_disparity(sidecar: np.ndarray, indices: tuple[int, ...], source_frame
         SampleError: ``DEPTH_MISMATCH`` when the sidecar's frame count differs from the video's.
     """
     check_sidecar_shape(sidecar.shape, source_frames, source_size)
-    picked = np.asarray(sidecar[list(indices)], np.float32)
-    if picked.shape[1:] != tuple(source_size):
-        picked = np.stack([cv2.resize(m, (source_size[1], source_size[0]), interpolation=cv2.INTER_LINEAR)
-                           for m in picked])
-    return resize_maps(picked, bucket)
+    out = np.empty((len(indices), *bucket), np.float32)
+    for k, index in enumerate(indices):  # frame by frame: no clip-sized map at the source's size (issue 12)
+        picked = np.asarray(sidecar[index], np.float32)
+        if picked.shape != tuple(source_size):
+            picked = cv2.resize(picked, (source_size[1], source_size[0]), interpolation=cv2.INTER_LINEAR)
+        out[k] = resize_maps(picked[None], bucket)[0]
+    return out
 
 
 def oracle_for_clips(sidecar, clips, source_frames: int, source_size: tuple[int, int]) -> list:

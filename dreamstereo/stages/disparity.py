@@ -45,7 +45,28 @@ def sample_max_disparity(key: str, cfg: DisparityConfig) -> float:
     return float(rng_for(key, "max_disparity").uniform(lo, hi)) if hi > lo else float(lo)
 
 
-def normalize_disparity(relative: np.ndarray, width: int, max_disparity: float, convergence: float) -> np.ndarray:
+CHUNK_FRAMES = 8  # frames per pass over a clip: temporaries stay a few frames big, whatever the clip's length
+
+
+def disparity_bounds(relative: np.ndarray) -> tuple[float, float] | None:
+    """The finite minimum and maximum of a clip's relative disparity, ``None`` when nothing is finite.
+
+    Computed :data:`CHUNK_FRAMES` frames at a time, so no clip-sized temporary is made (issue 12).
+
+    Args:
+        relative: ``(T, H, W)`` float relative disparity (any scale).
+    """
+    lo, hi = np.inf, -np.inf
+    for start in range(0, len(relative), CHUNK_FRAMES):
+        part = np.asarray(relative[start:start + CHUNK_FRAMES])
+        finite = part[np.isfinite(part)]
+        if finite.size:
+            lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
+    return (lo, hi) if lo <= hi else None
+
+
+def normalize_disparity(relative: np.ndarray, width: int, max_disparity: float, convergence: float, *,
+                        bounds: tuple[float, float] | None | str = "clip") -> np.ndarray:
     """Relative disparity of a clip (any scale, larger = nearer) -> pixels.
 
     Args:
@@ -53,16 +74,24 @@ def normalize_disparity(relative: np.ndarray, width: int, max_disparity: float, 
         width: frame width in pixels.
         max_disparity: fraction of ``width`` that the nearest point of the clip gets (before convergence).
         convergence: normalised disparity mapped to 0 px.
+        bounds: the whole clip's :func:`disparity_bounds`, when ``relative`` is only some of its frames
+            (the clip is then normalised chunk by chunk with identical results); by default they are
+            computed from ``relative``.
 
     Returns:
         ``(T, H, W)`` float32 disparity in pixels: ``W * max_disparity * (d_norm - convergence)``;
         a constant clip gives a constant ``-W * max_disparity * convergence``.
     """
-    rel = np.asarray(relative, dtype=np.float64)
-    finite = np.isfinite(rel)
-    if not finite.any():
-        return np.zeros(rel.shape, np.float32)
-    lo, hi = rel[finite].min(), rel[finite].max()
-    rel = np.where(finite, rel, lo)
-    norm = (rel - lo) / (hi - lo) if hi - lo > RANGE_EPS else np.zeros_like(rel)
-    return (width * max_disparity * (norm - convergence)).astype(np.float32)
+    if isinstance(bounds, str):
+        bounds = disparity_bounds(relative)
+    out = np.empty(np.shape(relative), np.float32)
+    if bounds is None:
+        out[...] = 0.0
+        return out
+    lo, hi = bounds
+    for start in range(0, len(out), CHUNK_FRAMES):  # elementwise: chunking changes no value
+        rel = np.asarray(relative[start:start + CHUNK_FRAMES], dtype=np.float64)
+        rel = np.where(np.isfinite(rel), rel, lo)
+        norm = (rel - lo) / (hi - lo) if hi - lo > RANGE_EPS else np.zeros_like(rel)
+        out[start:start + CHUNK_FRAMES] = (width * max_disparity * (norm - convergence)).astype(np.float32)
+    return out

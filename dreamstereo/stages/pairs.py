@@ -49,9 +49,47 @@ class TrainingPair:
     flipped: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class PairPlan:
+    """What is decided once per clip: the flip (seeded from the sample key) and the round trip's direction."""
+
+    flipped: bool
+    direction: Direction
+
+
+def plan_pair(key: str, cfg: PairConfig) -> PairPlan:
+    """The clip's flip (seeded from ``key``) and round-trip direction (from ``cfg.synthesized_eye``)."""
+    return PairPlan(bool(rng_for(key, "flip").random() < cfg.flip_probability), training_direction(cfg.synthesized_eye))
+
+
+def pair_frames(frames: np.ndarray, disparity_px: np.ndarray, plan: PairPlan, cfg: PairConfig, *,
+                device: str | torch.device = "cpu") -> TrainingPair:
+    """Double-project some frames of a clip (all of them, or a chunk: PBDP works frame by frame, so a clip
+    paired chunk by chunk gives the same arrays as the whole clip at once).
+
+    Args:
+        frames: ``(T, H, W, 3) uint8``. disparity_px: ``(T, H, W)`` float pixels, larger = nearer.
+        plan: the clip's :func:`plan_pair`. cfg: pair settings (the warp's options).
+        device: where the projection runs, chosen by the caller (``resources.pair_placement``: the depth
+            actor's device, or the CPU); the returned arrays are host numpy arrays either way.
+    """
+    if frames.shape[:3] != disparity_px.shape:
+        raise ValueError(f"`disparity_px` shape {disparity_px.shape} does not match `frames` {frames.shape[:3]}")
+    if plan.flipped:
+        frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
+    view = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # uint8 travels, float is made there
+    view = view.permute(0, 3, 1, 2).float().div_(255.0)  # (T, H, W, 3) -> (T, 3, H, W)
+    disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
+    result = double_project(view, torch.from_numpy(disparity).to(device), plan.direction, **cfg.warp.options())
+    del view
+    warped = result.view1.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return TrainingPair(clean=np.ascontiguousarray(frames), warped=warped, mask=result.mask1.cpu().numpy(),
+                        disparity=disparity, direction=plan.direction, flipped=plan.flipped)
+
+
 def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairConfig, *,
               device: str | torch.device = "cpu") -> TrainingPair:
-    """Double-project a clip into a training pair; the flip (if any) is seeded from ``key``.
+    """Double-project a whole clip into a training pair; the flip (if any) is seeded from ``key``.
 
     Args:
         frames: ``(T, H, W, 3) uint8`` clip. disparity_px: ``(T, H, W)`` float pixels, larger = nearer.
@@ -59,16 +97,4 @@ def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairC
         device: where the projection runs, chosen by the caller (``resources.pair_placement``: the depth
             actor's device, or the CPU); the returned arrays are host numpy arrays either way.
     """
-    if frames.shape[:3] != disparity_px.shape:
-        raise ValueError(f"`disparity_px` shape {disparity_px.shape} does not match `frames` {frames.shape[:3]}")
-    flipped = bool(rng_for(key, "flip").random() < cfg.flip_probability)
-    if flipped:
-        frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
-    direction = training_direction(cfg.synthesized_eye)
-    view = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # uint8 travels, float is made there
-    view = view.permute(0, 3, 1, 2).float().div_(255.0)  # (T, H, W, 3) -> (T, 3, H, W)
-    disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
-    result = double_project(view, torch.from_numpy(disparity).to(device), direction, **cfg.warp.options())
-    warped = result.view1.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return TrainingPair(clean=np.ascontiguousarray(frames), warped=warped, mask=result.mask1.cpu().numpy(),
-                        disparity=disparity, direction=direction, flipped=flipped)
+    return pair_frames(frames, disparity_px, plan_pair(key, cfg), cfg, device=device)

@@ -77,19 +77,32 @@ def score_quality(frames: np.ndarray, relative_disparity: np.ndarray, mask: np.n
         motion = float(diffs.mean())
     else:
         cut, motion = 0.0, 0.0
-    finite = bool(np.isfinite(relative_disparity).all())
-    if finite and relative_disparity.size:
-        span = float(relative_disparity.max() - relative_disparity.min())
-        scale = float(np.abs(relative_disparity).max())
-        disparity_range = span / scale if scale > 0 else 0.0
-    else:
-        disparity_range = 0.0
+    finite, disparity_range = _disparity_spread(relative_disparity)
     return QualityScores(
         frames=t, short_side=min(h, w),
         mask_ratio=float(mask.mean()) if mask is not None else 0.0,
         disparity_finite=finite, disparity_range=disparity_range,
         max_cut_score=cut, motion=motion, contrast=float(grey.std(axis=(1, 2)).mean()),
     )
+
+
+def _disparity_spread(relative: np.ndarray, chunk_frames: int = 8) -> tuple[bool, float]:
+    """Whether all of ``relative`` is finite, and its range relative to its largest magnitude (0 when not
+    finite or empty); a few frames at a time, so no clip-sized temporary is made (issue 12)."""
+    lo = hi = None
+    for start in range(0, len(relative), chunk_frames):
+        part = np.asarray(relative[start:start + chunk_frames])
+        if not np.isfinite(part).all():
+            return False, 0.0
+        if part.size:
+            part_lo, part_hi = part.min(), part.max()  # scalars of the array's dtype, as before chunking
+            lo = part_lo if lo is None else min(lo, part_lo)
+            hi = part_hi if hi is None else max(hi, part_hi)
+    if lo is None:
+        return True, 0.0
+    span = float(hi - lo)
+    scale = float(max(np.abs(hi), np.abs(lo)))  # = max |d| over the clip, for finite values
+    return True, (span / scale if scale > 0 else 0.0)
 
 
 def decide(scores: QualityScores, cfg: QualityConfig, *, check_mask: bool = True,

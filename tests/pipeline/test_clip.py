@@ -3,17 +3,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from dreamstereo.config import load_config
-from dreamstereo.io.sample import make_key, read_sample
-from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch, unpack_members
-from dreamstereo.pipeline.clip import ClipConfig, ClipResult, pair_clip, read_input
+from dreamstereo.io.sample import encode_sample, make_key, read_sample
+from dreamstereo.pipeline.actors import INPUT_COLUMNS, PairActor, decode_batch, pack, unpack, unpack_members
+from dreamstereo.pipeline.clip import ClipConfig, ClipResult, oracle_relatives, pair_clip, read_input
 from dreamstereo.pipeline.process import ProcessConfig, run_process
 from dreamstereo.scenes import demo_scene, write_scene
+from dreamstereo.stages.disparity import CHUNK_FRAMES, normalize_disparity, sample_max_disparity
+from dreamstereo.stages.pairs import make_pair
+from dreamstereo.stages.quality import score_quality
 from dreamstereo.types import REJECTION_CODES, ErrorCode, SampleError, SampleStatus
 from tests.videos import moving_pattern, write_video
 
@@ -91,3 +95,47 @@ def test_process_and_the_ray_operators_make_the_same_samples(tmp_path):
                 assert _psnr(getattr(a, name), getattr(b, name)) > 35, name
             assert b.meta["source"] == source
     assert any(c["status"] == "kept" for c in manifest["clips"])
+
+
+def test_a_clip_worked_through_in_chunks_gives_the_whole_clip_sample(tmp_path):
+    """Issue 12: pair_clip works through a clip CHUNK_FRAMES frames at a time (disparity, PBDP, encoding);
+    its sample is the one the whole-clip chain makes: the same mask (bit-exact), disparity (to float16),
+    mask ratio and flip, and videos as faithful as the whole clip's."""
+    video, _ = write_scene(demo_scene(width=160, height=96, num_frames=21, seed=3), tmp_path / "scene.mp4", fps=24)
+    cfg = load_config(ClipConfig, [], [*SMALL[:1], "decode.clip_frames=19", "decode.max_clips=1",
+                                       "decode.buckets=[[64,96]]", "decode.min_short_side=32",
+                                       "pairs.flip_probability=1.0"])
+    probe, (clip,) = read_input(video, None, cfg.decode)
+    (relative,) = oracle_relatives(video, None, probe, [clip], cfg.depth)
+    assert len(clip.frames) > 2 * CHUNK_FRAMES and len(clip.frames) % CHUNK_FRAMES  # 3 chunks, the last short
+    result = pair_clip(clip, 0, video, probe, relative, cfg, None, make_preview=True)
+    assert result.status is SampleStatus.OK
+
+    key = make_key(video, 0)  # the whole clip at once, as the chain did before issue 12
+    px = normalize_disparity(relative, 96, sample_max_disparity(key, cfg.disparity), cfg.disparity.convergence)
+    whole = make_pair(clip.frames, px, key, cfg.pairs)
+    sample = read_sample(result.members, key)
+    assert whole.flipped and sample.meta["flip"] is True
+    assert np.array_equal(sample.mask, whole.mask)
+    assert np.array_equal(sample.disparity, whole.disparity.astype(np.float16).astype(np.float32))
+    assert result.scores["mask_ratio"] == float(whole.mask.mean()) == sample.meta["mask_ratio"]
+    assert result.scores == dataclasses.asdict(score_quality(whole.clean, relative, whole.mask))
+    # the videos: as close to the arrays as the whole arrays encoded at once (x264 is not promised to repeat
+    # its bytes, so the comparison is of fidelity)
+    reference = read_sample(encode_sample(whole.clean, whole.warped, whole.mask, whole.disparity, {}, clip.fps))
+    for name in ("clean", "warped"):
+        expected = _psnr(getattr(reference, name), getattr(whole, name))
+        assert _psnr(getattr(sample, name), getattr(whole, name)) == pytest.approx(expected, abs=1.0), name
+    assert result.preview is not None
+
+
+@pytest.mark.parametrize("array", [np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3),
+                                   np.linspace(-1, 1, 24, dtype=np.float32).reshape(2, 3, 4),
+                                   np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4))])
+def test_rows_carry_arrays_that_unpack_without_a_copy(array):
+    """Issue 12: a pair actor views its row's clip and disparity in place instead of copying them."""
+    data = pack(array)
+    got = unpack(data)
+    assert got.dtype == array.dtype and np.array_equal(got, array) and not got.flags.writeable
+    assert np.shares_memory(got, np.frombuffer(data, np.uint8))
+    assert unpack(b"") is None

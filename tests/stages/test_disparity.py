@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dreamstereo.stages.disparity import DisparityConfig, normalize_disparity, sample_max_disparity
+from dreamstereo.stages.disparity import (
+    CHUNK_FRAMES,
+    DisparityConfig,
+    disparity_bounds,
+    normalize_disparity,
+    sample_max_disparity,
+)
 
 
 def test_normalisation_by_hand():
@@ -43,3 +49,30 @@ def test_max_disparity_is_seeded_by_key_and_in_range():
 def test_bad_config(kwargs):
     with pytest.raises(ValueError, match="disparity"):
         DisparityConfig(**kwargs)
+
+
+def _whole_clip_reference(relative, width, max_disparity, convergence):
+    """The normalisation as it was written before issue 12: the whole clip in float64 at once."""
+    rel = np.asarray(relative, dtype=np.float64)
+    finite = np.isfinite(rel)
+    if not finite.any():
+        return np.zeros(rel.shape, np.float32)
+    lo, hi = rel[finite].min(), rel[finite].max()
+    rel = np.where(finite, rel, lo)
+    norm = (rel - lo) / (hi - lo) if hi - lo > 1e-6 else np.zeros_like(rel)
+    return (width * max_disparity * (norm - convergence)).astype(np.float32)
+
+
+@pytest.mark.parametrize("convergence", [0.0, 0.3])
+def test_chunked_normalisation_equals_the_whole_clip(convergence):
+    """Issue 12: the clip is normalised a few frames at a time (bounds from the whole clip): bit-identical."""
+    rng = np.random.default_rng(4)
+    relative = (rng.standard_normal((CHUNK_FRAMES * 2 + 3, 7, 9)) * 3 - 1).astype(np.float32)
+    relative[0, 0, 0], relative[9, 2, 3], relative[18, 6, 8] = np.nan, np.inf, -np.inf
+    expected = _whole_clip_reference(relative, 640, 0.05, convergence)
+    assert np.array_equal(normalize_disparity(relative, 640, 0.05, convergence), expected)
+    bounds = disparity_bounds(relative)
+    assert bounds == (float(np.nanmin(relative[np.isfinite(relative)])), float(relative[np.isfinite(relative)].max()))
+    parts = [normalize_disparity(relative[s:s + 5], 640, 0.05, convergence, bounds=bounds) for s in range(0, 19, 5)]
+    assert np.array_equal(np.concatenate(parts), expected)
+    assert disparity_bounds(np.full((3, 2, 2), np.nan)) is None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from dreamstereo.scenes import step_scene
-from dreamstereo.stages.pairs import PairConfig, make_pair
+from dreamstereo.scenes import demo_scene, step_scene
+from dreamstereo.stages.pairs import PairConfig, make_pair, pair_frames, plan_pair
 from dreamstereo.stages.warp import double_project
 from dreamstereo.types import Direction
 
@@ -50,3 +51,20 @@ def test_flip_is_seeded_and_mirrors_everything():
     assert np.array_equal(always.disparity, disparity[:, :, ::-1])
     # Mirrored input through the same view: the hole band lands on the mirrored side of the edge.
     assert np.flatnonzero(always.mask[0, 0]).tolist() != np.flatnonzero(never.mask[0, 0]).tolist()
+
+
+@pytest.mark.parametrize("flip,eye", [(0.0, Direction.RIGHT), (1.0, Direction.RIGHT), (1.0, Direction.LEFT)])
+def test_a_clip_paired_chunk_by_chunk_equals_the_whole_clip(flip, eye):
+    """Issue 12: the chain pairs a clip a few frames at a time; PBDP is per frame, so the arrays are the
+    same as one call on the whole clip (views byte-equal, masks identical), flipped or not."""
+    scene = demo_scene(width=96, height=48, num_frames=11, seed=5)
+    frames = scene.frames_uint8()
+    disparity = scene.disparity * 1.5 - 2.0  # negative values too
+    cfg = PairConfig(flip_probability=flip, synthesized_eye=eye)
+    whole = make_pair(frames, disparity, "clip-key", cfg)
+    plan = plan_pair("clip-key", cfg)
+    parts = [pair_frames(frames[s:s + 4], disparity[s:s + 4], plan, cfg) for s in range(0, 11, 4)]
+    assert whole.flipped is plan.flipped is (flip == 1.0)
+    for name in ("clean", "warped", "mask", "disparity"):
+        assert np.array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name)), name
+    assert whole.mask.any() and not whole.mask.all()  # the comparison covers holes and visible pixels

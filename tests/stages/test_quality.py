@@ -67,3 +67,18 @@ def test_mask_checks_can_wait_until_pairs_exist():
     scores = score_quality(frames, disparity, None)
     assert decide(scores, CFG, check_mask=False).keep
     assert decide(scores, CFG).reason is RejectReason.MASK_RATIO_LOW
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depth_scores_of_a_long_clip_equal_the_whole_clip_formula(dtype):
+    """Issue 12: the depth scores are taken a few frames at a time; the values are those of the whole-clip
+    formula (range over largest magnitude), negative values and a NaN frame far into the clip included."""
+    rng = np.random.default_rng(2)
+    frames = moving_pattern(21, 32, 48)
+    relative = (rng.standard_normal((21, 32, 48)) * 2 - 3).astype(dtype)
+    scores = score_quality(frames, relative, None)
+    expected = float(relative.max() - relative.min()) / float(np.abs(relative).max())
+    assert scores.disparity_finite and scores.disparity_range == expected
+    relative[20, 5, 5] = np.nan
+    scores = score_quality(frames, relative, None)
+    assert (scores.disparity_finite, scores.disparity_range) == (False, 0.0)
