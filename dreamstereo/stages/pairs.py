@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dreamstereo.stages.disparity import rng_for
-from dreamstereo.stages.warp import WarpConfig, double_project, training_direction
-from dreamstereo.types import Direction
+from dreamstereo.stages.warp import WarpConfig, double_project, training_direction, use_numba
+from dreamstereo.types import Direction, WarpMethod
 
 
 @dataclasses.dataclass
@@ -62,6 +62,17 @@ def make_pair(frames: np.ndarray, disparity_px: np.ndarray, key: str, cfg: PairC
     if flipped:
         frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
     direction = training_direction(cfg.synthesized_eye)
+    if WarpMethod(cfg.warp.method) is WarpMethod.GAPW and use_numba(cfg.warp.kernel, "cpu"):
+        # The compiled kernel takes the uint8 clip as it is and returns the uint8 round trip: the same
+        # answer as the float path below without its float32 copies of the clip. Imported here, as
+        # warp.py does, so that importing this module does not import numba.
+        from dreamstereo.stages.gapw_numba import pair_uint8
+
+        clean = np.ascontiguousarray(frames)
+        disp = np.ascontiguousarray(disparity_px, dtype=np.float32)
+        warped, mask = pair_uint8(clean, disp, direction, cfg.warp.delta, cfg.warp.hole_margin)
+        return TrainingPair(clean=clean, warped=warped, mask=mask, disparity=disp, direction=direction,
+                            flipped=flipped)
     view = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
     disp = torch.from_numpy(np.ascontiguousarray(disparity_px, dtype=np.float32))
     result = double_project(view, disp, direction, **cfg.warp.options())
