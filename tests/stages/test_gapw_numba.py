@@ -111,7 +111,7 @@ def _fuzz_rows(rng: np.random.Generator, t: int, h: int, w: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(3))
 def test_fuzzed_rows_match_the_reference(seed):
     rng = np.random.default_rng(1000 + seed)
     for width in (2, 3, 5, 17, 64):
