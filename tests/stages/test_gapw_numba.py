@@ -211,3 +211,39 @@ def test_config_key_selects_the_kernel():
     ref = gapw.gapw_warp(frames, disparity, "right")
     for a, b in zip(got, ref):
         assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_runs_where_no_cache_folder_is_writable(tmp_path):
+    # A read-only install with no writable cache anywhere: numba cannot place its cache beside the
+    # module (here __pycache__ is a file) nor in the user-wide folder (XDG_CACHE_HOME is a file), so the
+    # kernel must compile in memory instead of failing at import. (Permissions cannot stand in for this:
+    # the tests may run as root.)
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dreamstereo
+
+    package = tmp_path / "site" / "dreamstereo"
+    shutil.copytree(Path(dreamstereo.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    (package / "stages" / "__pycache__").write_text("not a folder")
+    (tmp_path / "cache-is-a-file").write_text("")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=str(tmp_path / "site"), XDG_CACHE_HOME=str(tmp_path / "cache-is-a-file"))
+    script = (
+        "import torch\n"
+        "from dreamstereo.stages import gapw_numba\n"
+        "assert gapw_numba.__file__.startswith(%r)\n"
+        "frames, disparity = torch.rand(1, 3, 2, 6), torch.tensor([[[0., 0, 3, 3, 0, 0]] * 2])\n"
+        "view, disp2, hole, border = gapw_numba.gapw_parts(frames, disparity, 'right', 2.0, 0.25, None)\n"
+        "print(hole[0, 0].int().tolist(), border[0, 0].int().tolist())\n" % str(package)
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Sources 2, 3 (d = 3) land on -1, 0; the step 3 -> 4 stretches over targets 1..3; beyond f(5) = 5 nothing.
+    ref = gapw.gapw_parts(torch.rand(1, 3, 2, 6), torch.tensor([[[0., 0, 3, 3, 0, 0]] * 2]), "right", 2.0, 0.25, None)
+    assert done.stdout.split("\n")[-2] == f"{ref[2][0, 0].int().tolist()} {ref[3][0, 0].int().tolist()}"
+    assert not any((tmp_path / "site").rglob("*.nbi"))  # nothing was cached
