@@ -282,11 +282,14 @@ def _pair_kernel(frames, disp, to_float, scale, flip, cols, delta, hole_margin, 
 # Entry points: same arguments, checks and results as the PyTorch reference (gapw.py / warp.py).
 
 
-def _set_threads() -> int:
-    """Match numba's thread count to torch's (what Ray actors and benchmarks set); returns it."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
+def _run(kernel, *args) -> None:
+    """Run ``kernel`` on as many threads as torch uses now (what Ray actors and benchmarks set).
+
+    The rows are split statically into one block per thread (numba's default): every row costs about
+    the same. Dynamic chunks (``numba.set_parallel_chunksize``) measured no better on dev-cpu.
+    """
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    kernel(*args)
 
 
 def _constants(dtype: np.dtype, width: int, delta: float, hole_margin: float) -> tuple:
@@ -338,9 +341,9 @@ def gapw_parts(frames, disparity, direction, delta, hole_margin, source_valid):
     disparity2 = torch.empty(disparity.shape, dtype=frames.dtype)
     disocclusion = torch.empty(disparity.shape, dtype=torch.bool)
     border = torch.empty(disparity.shape, dtype=torch.bool)
-    _set_threads()
-    _warp_kernel(src, disp, valid, has_valid, direction is Direction.LEFT, *_constants(src.dtype, w, delta, hole_margin),
-                 view.numpy(), disparity2.numpy(), disocclusion.numpy(), border.numpy())
+    _run(_warp_kernel, src, disp, valid, has_valid, direction is Direction.LEFT,
+         *_constants(src.dtype, w, delta, hole_margin), view.numpy(), disparity2.numpy(), disocclusion.numpy(),
+         border.numpy())
     return view, disparity2, disocclusion, border
 
 
@@ -370,9 +373,8 @@ def double_project(frames, disparity, direction, delta, hole_margin) -> tuple[to
     view2, view1 = torch.empty(frames.shape, dtype=frames.dtype), torch.empty(frames.shape, dtype=frames.dtype)
     disparity2 = torch.empty(disparity.shape, dtype=frames.dtype)
     mask2, mask1 = torch.empty(disparity.shape, dtype=torch.bool), torch.empty(disparity.shape, dtype=torch.bool)
-    _set_threads()
-    _double_project_kernel(src, disp, direction is Direction.LEFT, *_constants(src.dtype, w, delta, hole_margin),
-                           view2.numpy(), disparity2.numpy(), mask2.numpy(), view1.numpy(), mask1.numpy())
+    _run(_double_project_kernel, src, disp, direction is Direction.LEFT, *_constants(src.dtype, w, delta, hole_margin),
+         view2.numpy(), disparity2.numpy(), mask2.numpy(), view1.numpy(), mask1.numpy())
     return view2, disparity2, mask2, view1, mask1
 
 
@@ -418,7 +420,6 @@ def pair_uint8(frames: np.ndarray, disparity: np.ndarray, direction, delta: floa
     disparity = np.ascontiguousarray(disparity)
     warped = np.empty_like(frames)
     mask1 = np.empty((t, h, w), dtype=np.bool_)
-    _set_threads()
-    _pair_kernel(frames, disparity, _TO_FLOAT32, np.float32(255.0), direction is Direction.LEFT,
-                 *_constants(np.float32, w, delta, hole_margin), warped, mask1)
+    _run(_pair_kernel, frames, disparity, _TO_FLOAT32, np.float32(255.0), direction is Direction.LEFT,
+         *_constants(np.float32, w, delta, hole_margin), warped, mask1)
     return warped, mask1
