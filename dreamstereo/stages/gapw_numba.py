@@ -231,15 +231,22 @@ def _double_project_kernel(frames, disp, flip, cols, delta, hole_margin, tiny, b
             o2[j] = _lerp(v2[a], v2[b], f, one)
 
 
+@_jit(inline="always")
+def _to_uint8(v, scale):
+    """``round(v * scale)`` (half to even, as ``torch.round``) clamped to [0, 255], as uint8."""
+    q = np.rint(v * scale)
+    return np.uint8(0) if q < 0 else (np.uint8(255) if q > 255 else np.uint8(q))
+
+
 @_jit(parallel=True)
 def _pair_kernel(frames, disp, to_float, scale, flip, cols, delta, hole_margin, tiny, big, warped, mask1):
-    """PBDP of a ``(T, H, W, C)`` uint8 clip straight to the uint8 round trip; see :func:`pair_uint8`.
+    """PBDP of a ``(T, H, W, 3)`` uint8 clip straight to the uint8 round trip; see :func:`pair_uint8`.
 
     ``to_float`` is the 256-entry table ``float32(k) / 255`` (the reference's ``.float().div_(255.0)``);
-    view 2 lives only in a row scratch, and view 1 is quantized as ``round(v * scale)`` (scale = 255 in
-    the dtype of ``disp``, round half to even as ``torch.round``) clamped to [0, 255].
+    view 2 lives only in row scratch, and view 1 is quantized as ``round(v * scale)`` (scale = 255 in
+    the dtype of ``disp``) clamped to [0, 255], as ``stages/pairs.py`` does after the float round trip.
     """
-    t_, h_, w_, c_ = frames.shape
+    t_, h_, w_, _ = frames.shape
     one = cols[1]
     for k in prange(t_ * h_):
         t = k // h_
@@ -251,31 +258,28 @@ def _pair_kernel(frames, disp, to_float, scale, flip, cols, delta, hole_margin, 
         border = np.empty(w_, np.bool_)
         valid = np.empty(w_, np.bool_)
         d2 = np.empty(w_, disp.dtype)
-        v2 = np.empty((c_, w_), disp.dtype)  # (C, W) view 2 of this row, channel planes
-        # 1. View 1 -> view 2.
+        v0, v1, v2 = np.empty(w_, disp.dtype), np.empty(w_, disp.dtype), np.empty(w_, disp.dtype)  # view 2 row
+        # 1. View 1 -> view 2, reading the interleaved uint8 row through the table.
         drow = disp[t, r]
         _locate(drow, valid, False, flip, cols, delta, hole_margin, tiny, big, src_a, src_b, frac, hole, border)
-        src = frames[t, r]  # (W, C) uint8
+        src = frames[t, r]  # (W, 3) uint8
         for j in range(w_):
-            a = src_a[j]
-            b = src_b[j]
-            f = frac[j]
+            a, b, f = src_a[j], src_b[j], frac[j]
             d2[j] = _lerp(drow[a], drow[b], f, one)
             valid[j] = not hole[j]
-            for c in range(c_):
-                v2[c, j] = _lerp(to_float[src[a, c]], to_float[src[b, c]], f, one)
-        # 2. View 2 -> view 1, quantized to uint8 as the reference does after the float round trip.
+            v0[j] = _lerp(to_float[src[a, 0]], to_float[src[b, 0]], f, one)
+            v1[j] = _lerp(to_float[src[a, 1]], to_float[src[b, 1]], f, one)
+            v2[j] = _lerp(to_float[src[a, 2]], to_float[src[b, 2]], f, one)
+        # 2. View 2 -> view 1 (holes of view 2 invalid), quantized to uint8.
         _locate(d2, valid, True, not flip, cols, delta, hole_margin, tiny, big, src_a, src_b, frac, hole, border)
-        out = warped[t, r]  # (W, C) uint8
+        out = warped[t, r]  # (W, 3) uint8
         m1 = mask1[t, r]
         for j in range(w_):
-            a = src_a[j]
-            b = src_b[j]
-            f = frac[j]
+            a, b, f = src_a[j], src_b[j], frac[j]
             m1[j] = hole[j] or border[j]
-            for c in range(c_):
-                q = np.rint(_lerp(v2[c, a], v2[c, b], f, one) * scale)
-                out[j, c] = 0 if q < 0 else (255 if q > 255 else np.uint8(q))
+            out[j, 0] = _to_uint8(_lerp(v0[a], v0[b], f, one), scale)
+            out[j, 1] = _to_uint8(_lerp(v1[a], v1[b], f, one), scale)
+            out[j, 2] = _to_uint8(_lerp(v2[a], v2[b], f, one), scale)
 
 
 # ---------------------------------------------------------------------------------------------------
