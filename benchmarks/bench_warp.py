@@ -152,11 +152,11 @@ def main() -> None:
         runs = {}
         if device == "cpu":
             f_np, d_np = frames.numpy(), disparity_np
-            runs["zbuffer_numpy"] = lambda: numpy_zbuffer_double_project(f_np, d_np)
-            runs["gapw_numba"] = lambda: double_project(f, d, "right", kernel="numba")
-        runs["gapw_torch"] = lambda: double_project(f, d, "right", kernel="torch")
-        runs["soft_splat"] = lambda: double_project(f, d, "right", method=WarpMethod.SOFT_SPLAT)
-        runs["zbuffer_splat"] = lambda: double_project(f, d, "right", method=WarpMethod.ZBUFFER_SPLAT)
+            runs["zbuffer_numpy"] = lambda f=f_np, d=d_np: numpy_zbuffer_double_project(f, d)
+            runs["gapw_numba"] = lambda f=f, d=d: double_project(f, d, "right", kernel="numba")
+        runs["gapw_torch"] = lambda f=f, d=d: double_project(f, d, "right", kernel="torch")
+        runs["soft_splat"] = lambda f=f, d=d: double_project(f, d, "right", method=WarpMethod.SOFT_SPLAT)
+        runs["zbuffer_splat"] = lambda f=f, d=d: double_project(f, d, "right", method=WarpMethod.ZBUFFER_SPLAT)
         measured = {}
         for name, fn in runs.items():
             timing = time_ms(fn, repeats=args.repeats, sync=sync)
@@ -173,11 +173,12 @@ def main() -> None:
             rows.append(row)
             vs_base = f"{row['time_vs_numpy_zbuffer']:6.3f}x numpy zbuffer time" if base else ""
             print(f"{where:<24} {name:<14} {t['median_ms']:8.2f} ms/frame (min {t['min_ms']:.2f}, "
-                  f"cpu {t['cpu_median_ms']:.2f})  {vs_base}  {row['speedup_vs_soft_splat']:5.2f}x faster than soft_splat")
+                  f"cpu {t['cpu_median_ms']:.2f})  {vs_base}  "
+                  f"{row['speedup_vs_soft_splat']:5.2f}x faster than soft_splat")
         if device == "cpu":
             for kernel in ("numba", "torch"):
                 cfg = PairConfig(warp=WarpConfig(kernel=kernel))
-                t = time_ms(lambda: make_pair(frames_u8, disparity_np, "bench", cfg), repeats=args.repeats)
+                t = time_ms(lambda cfg=cfg: make_pair(frames_u8, disparity_np, "bench", cfg), repeats=args.repeats)
                 t = {k: v / per_frame for k, v in t.items()}
                 pair_rows.append({"threads": threads, "kernel": kernel, "ms_per_frame_median": round(t["median_ms"], 2),
                                   "ms_per_frame_min": round(t["min_ms"], 2),
@@ -209,7 +210,8 @@ def main() -> None:
     if goals:
         print(f"goals (issue 12 item 1, machine: {info['cpu']}, {info['cpu_count']} cores):")
     for name, (value, goal, met) in goals.items():
-        print(f"  {name:<46} {value:>8} (goal {'>=' if 'over' in name else '<='} {goal})  {'met' if met else 'NOT met'}")
+        sense = ">=" if "over" in name else "<="
+        print(f"  {name:<46} {value:>8} (goal {sense} {goal})  {'met' if met else 'NOT met'}")
     if not args.no_write:
         path = write_result("warp", {"machine": info, "shape": [args.frames, 3, args.height, args.width],
                                      "max_disparity_px": float(disparity.max()), "repeats": args.repeats,

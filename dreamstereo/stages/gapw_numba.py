@@ -18,6 +18,7 @@ frames' dtype in the reference's order (landing ``j - d``, length ``f_b - f_a``,
 the interpolation is ``torch.lerp``'s formula, a fused multiply-add (ATen ``Lerp.h``:
 ``fma(w, b - a, a)`` for ``|w| < 0.5``, else ``fma(w - 1, b - a, b)``), so view 2's disparity, which
 the return warp thresholds, is identical and the masks are identical (tests/stages/test_gapw_numba.py).
+On a CPU where torch's lerp is not fused the values differ by an ulp at most (the tests allow 1e-5).
 
 Threads: rows run in parallel (``prange``) on as many threads as ``torch.get_num_threads()`` says at the
 call (Ray actors and the benchmarks set torch's count). Compilation happens once per process and
@@ -119,9 +120,7 @@ def _locate(d, valid, has_valid, flip, cols, delta, hole_margin, tiny, big, src_
                 nv = i
             i -= 1
             if i >= 0:
-                fi = _landing(d, valid, has_valid, flip, cols, big, i)
-                if fi < gi:
-                    gi = fi
+                gi = min(gi, _landing(d, valid, has_valid, flip, cols, big, i))
         jo = w - 1 - jj if flip else jj
         if i < 0:
             # 2a. Left of every landing point: border, shows source 0 (reference: count == 0, frac 0).
@@ -290,7 +289,8 @@ def _run(kernel, *args) -> None:
     """Run ``kernel`` on as many threads as torch uses now (what Ray actors and benchmarks set).
 
     The rows are split statically into one block per thread (numba's default): every row costs about
-    the same. Dynamic chunks (``numba.set_parallel_chunksize``) measured no better on dev-cpu.
+    the same. Dynamic chunks (``numba.set_parallel_chunksize``) were tried and measured no better on
+    the shared dev-cpu.
     """
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     kernel(*args)
@@ -304,6 +304,7 @@ def _constants(dtype: np.dtype, width: int, delta: float, hole_margin: float) ->
 
 
 def _check_cpu(frames: torch.Tensor) -> None:
+    """Raise ValueError naming ``frames`` when it is not on the CPU."""
     if frames.device.type != "cpu":
         raise ValueError(f"the numba GAPW kernel runs on CPU tensors; `frames` is on {frames.device} "
                          "(use warp.kernel=torch or auto on accelerators)")
@@ -341,7 +342,7 @@ def gapw_parts(frames, disparity, direction, delta, hole_margin, source_valid):
     check_warp_inputs(frames, disparity, source_valid)
     check_hole_rule(delta, hole_margin)
     _check_cpu(frames)
-    t, c, h, w = frames.shape
+    w = frames.shape[-1]
     src = _as_array(frames)
     disp = _as_array(disparity.to(frames.dtype))
     has_valid = source_valid is not None
@@ -373,7 +374,7 @@ def double_project(frames, disparity, direction, delta, hole_margin) -> tuple[to
     check_warp_inputs(frames, disparity)
     check_hole_rule(delta, hole_margin)
     _check_cpu(frames)
-    t, c, h, w = frames.shape
+    w = frames.shape[-1]
     src = _as_array(frames)
     disp = _as_array(disparity.to(frames.dtype))
     view2, view1, disparity2 = np.empty_like(src), np.empty_like(src), np.empty_like(disp)
