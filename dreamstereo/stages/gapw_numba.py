@@ -291,9 +291,19 @@ def _run(kernel, *args) -> None:
     The rows are split statically into one block per thread (numba's default): every row costs about
     the same. Dynamic chunks (``numba.set_parallel_chunksize``) were tried and measured no better on
     the shared dev-cpu.
+
+    Torch's thread count is put back afterwards: numba's OpenMP layer starts its pool with
+    ``omp_set_num_threads(NUMBA_NUM_THREADS)``, which binds to the libgomp that torch loaded globally, so
+    the first parallel call in a process would otherwise raise torch's count to every core of the
+    machine (an actor set to 1 thread would then run torch on all of them).
     """
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    kernel(*args)
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    try:
+        kernel(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _constants(dtype: np.dtype, width: int, delta: float, hole_margin: float) -> tuple:

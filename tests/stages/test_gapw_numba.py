@@ -247,3 +247,29 @@ def test_runs_where_no_cache_folder_is_writable(tmp_path):
     ref = gapw.gapw_parts(torch.rand(1, 3, 2, 6), torch.tensor([[[0., 0, 3, 3, 0, 0]] * 2]), "right", 2.0, 0.25, None)
     assert done.stdout.split("\n")[-2] == f"{ref[2][0, 0].int().tolist()} {ref[3][0, 0].int().tolist()}"
     assert not any((tmp_path / "site").rglob("*.nbi"))  # nothing was cached
+
+
+def test_keeps_torchs_thread_count_in_a_fresh_process(tmp_path):
+    # numba's OpenMP pool starts with omp_set_num_threads(all cores) on the libgomp torch loaded, at the
+    # first parallel call of a process: the kernel must leave torch's count (an actor's setting) as it was
+    # and use that many threads itself.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dreamstereo
+
+    script = (
+        "import numba, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from dreamstereo.stages import gapw_numba\n"
+        "frames, disparity = torch.rand(1, 3, 4, 16), torch.rand(1, 4, 16) * 3\n"
+        "gapw_numba.double_project(frames, disparity, 'right', 2.0, 0.25)\n"
+        "print(torch.get_num_threads(), numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS)\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(dreamstereo.__file__).parent.parent),
+           "NUMBA_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], check=False, env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "1", "2"]
