@@ -141,7 +141,8 @@ def main() -> None:
               f"compile without cache {compiled['compile_without_cache_s']} s (not in the figures below)")
     if torch.cuda.is_available():
         settings.append(("cuda", None))
-    frames_u8 = (frames.permute(0, 2, 3, 1) * 255).round_().to(torch.uint8).numpy()  # (T, H, W, 3)
+    # (T, H, W, 3) uint8, contiguous as decoded clips are (a strided view would add a copy to the pair)
+    frames_u8 = np.ascontiguousarray((frames.permute(0, 2, 3, 1) * 255).round_().to(torch.uint8).numpy())
     disparity_np = disparity.numpy()
     rows, pair_rows = [], []
     for device, threads in settings:
