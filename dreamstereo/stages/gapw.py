@@ -50,6 +50,14 @@ DEFAULT_HOLE_MARGIN = 0.25  # px of a stretched step still shown by each end pix
 _CHUNK_PIXELS = 1 << 16  # pixels per block on CPU; see _row_chunks
 
 
+def check_hole_rule(delta: float, hole_margin: float) -> None:
+    """Validate the hole rule of :func:`gapw_warp`; raise ValueError naming the bad argument."""
+    if not delta >= 1.0:
+        raise ValueError(f"`delta` must be >= 1 (a step of one source pixel maps to >= 1 px), got {delta}")
+    if not 0.0 <= hole_margin < delta / 2:
+        raise ValueError(f"`hole_margin` must be in [0, delta / 2), got {hole_margin} with delta={delta}")
+
+
 def _locate_right(
     disparity: torch.Tensor,
     delta: float,
@@ -168,10 +176,7 @@ def gapw_parts(frames, disparity, direction, delta, hole_margin, source_valid):
     """
     direction = as_direction(direction)
     check_warp_inputs(frames, disparity, source_valid)
-    if not delta >= 1.0:
-        raise ValueError(f"`delta` must be >= 1 (a step of one source pixel maps to >= 1 px), got {delta}")
-    if not 0.0 <= hole_margin < delta / 2:
-        raise ValueError(f"`hole_margin` must be in [0, delta / 2), got {hole_margin} with delta={delta}")
+    check_hole_rule(delta, hole_margin)
     disparity = disparity.to(frames.dtype)
     t, c, h, w = frames.shape
     view = torch.empty_like(frames)

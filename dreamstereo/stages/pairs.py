@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from dreamstereo.stages.disparity import rng_for
-from dreamstereo.stages.warp import WarpConfig, double_project, training_direction
-from dreamstereo.types import Direction
+from dreamstereo.stages.warp import WarpConfig, double_project, training_direction, use_numba
+from dreamstereo.types import Direction, WarpMethod
 
 
 @dataclasses.dataclass
@@ -77,6 +77,17 @@ def pair_frames(frames: np.ndarray, disparity_px: np.ndarray, plan: PairPlan, cf
         raise ValueError(f"`disparity_px` shape {disparity_px.shape} does not match `frames` {frames.shape[:3]}")
     if plan.flipped:
         frames, disparity_px = frames[:, :, ::-1], disparity_px[:, :, ::-1]
+    if WarpMethod(cfg.warp.method) is WarpMethod.GAPW and use_numba(cfg.warp.kernel, device):
+        # The compiled kernel takes the uint8 frames as they are and returns the uint8 round trip: the same
+        # answer as the float path below without its float32 copies. Imported here, as warp.py does, so that
+        # importing this module does not import numba.
+        from dreamstereo.stages.gapw_numba import pair_uint8
+
+        clean = np.ascontiguousarray(frames)
+        disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
+        warped, mask = pair_uint8(clean, disparity, plan.direction, cfg.warp.delta, cfg.warp.hole_margin)
+        return TrainingPair(clean=clean, warped=warped, mask=mask, disparity=disparity, direction=plan.direction,
+                            flipped=plan.flipped)
     view = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # uint8 travels, float is made there
     view = view.permute(0, 3, 1, 2).float().div_(255.0)  # (T, H, W, 3) -> (T, 3, H, W)
     disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
