@@ -182,10 +182,18 @@ def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: C
                       members=encode_raw_sample(frames, meta, clip.fps))
 
 
+def chain_settings(cfg: ClipConfig) -> dict:
+    """The settings that decide a clip's samples, as plain values: the chain's own fields (a ProcessConfig's
+    ``device`` left out) without ``pairs.warp.kernel`` (every kernel gives the same samples)."""
+    settings = to_plain({f.name: getattr(cfg, f.name) for f in dataclasses.fields(ClipConfig)})
+    settings["pairs"]["warp"].pop("kernel", None)
+    return settings
+
+
 def chain_hash(cfg: ClipConfig) -> str:
-    """The hash of the chain's settings alone (a ProcessConfig's ``device`` left out), so ``process`` and
-    ``generate`` label samples made with the same settings alike."""
-    return config_hash({f.name: getattr(cfg, f.name) for f in dataclasses.fields(ClipConfig)})
+    """The hash of :func:`chain_settings`, so ``process`` and ``generate`` label samples made with the same
+    settings alike, whichever GAPW kernel made them."""
+    return config_hash(chain_settings(cfg))
 
 
 def _clip_meta(key: str, clip: Clip, clip_index: int, source: str, probe: VideoProbe) -> dict:

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import ray
 
 from dreamstereo import __version__
-from dreamstereo.config import config_hash, to_plain, to_yaml
+from dreamstereo.config import config_hash, to_yaml
 from dreamstereo.io.shards import STAGING_DIR, STATUSES, commit_staged, committed_shards, shard_name
 from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
 from dreamstereo.pipeline.actors import (
@@ -39,9 +39,10 @@ from dreamstereo.pipeline.actors import (
     WriteActor,
     decode_batch,
 )
-from dreamstereo.pipeline.clip import ClipConfig
+from dreamstereo.pipeline.clip import ClipConfig, chain_settings
 from dreamstereo.pipeline.manifest import InputConfig, check_input_access, group_into_shards, read_inputs
 from dreamstereo.stages.depth import DepthBackendName
+from dreamstereo.stages.warp import WarpKernel
 from dreamstereo.types import RETRYABLE_CODES, SampleStatus, UserError, original_error
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,12 @@ class GenerateConfig:
                            "that actor (decode then runs inside it)")
         if self.shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        fused = self.resources.pair_placement is PairPlacement.DEPTH
+        if (fused and self.process.pairs.warp.kernel is WarpKernel.NUMBA
+                and not self.resources.depth_device.startswith("cpu")):
+            raise ValueError(f"process.pairs.warp.kernel=numba runs on the CPU, but resources.pair_placement=depth "
+                             f"runs pairs on resources.depth_device={self.resources.depth_device!r}: use "
+                             f"warp.kernel=auto, or pair_placement=cpu")
 
 
 def _init_ray(address: str | None):
@@ -255,9 +262,10 @@ class OutputConflict(UserError, ValueError):
 def input_fingerprint(inputs, cfg: GenerateConfig) -> str:
     """Hash of everything that decides which samples a shard id holds: the ordered input URIs, the
     shard size, the mode and the stage settings (not resources, storage or the Ray address)."""
-    # The stage settings are hashed as they were when `process:` also held `device` (always "cpu" there), so
-    # outputs begun by earlier versions still resume.
-    process = {**to_plain(cfg.process), "device": "cpu"}
+    # The stage settings are hashed as they were when `process:` also held `device` (always "cpu" there) and
+    # before `warp.kernel` existed (every kernel gives the same samples), so outputs begun by earlier versions
+    # still resume, whichever kernel a rerun uses.
+    process = {**chain_settings(cfg.process), "device": "cpu"}
     payload = json.dumps({"uris": [v.uri for v in inputs], "shard_size": cfg.shard_size,
                           "mode": cfg.mode.value, "process": config_hash(process)})
     return hashlib.sha256(payload.encode()).hexdigest()

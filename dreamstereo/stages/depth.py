@@ -225,7 +225,8 @@ class DepthAnythingV2:
         size = self._network_size(h, w)
         out = []
         for start in range(0, t, self.batch_size):
-            batch = torch.from_numpy(frames[start:start + self.batch_size]).to(self.device)
+            batch = frames[start:start + self.batch_size]
+            batch = torch.from_numpy(batch if batch.flags.writeable else batch.copy()).to(self.device)
             x = batch.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, H, W)
             x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", align_corners=False)
             x = (x - self._mean) / self._std

@@ -88,7 +88,8 @@ def pair_frames(frames: np.ndarray, disparity_px: np.ndarray, plan: PairPlan, cf
         warped, mask = pair_uint8(clean, disparity, plan.direction, cfg.warp.delta, cfg.warp.hole_margin)
         return TrainingPair(clean=clean, warped=warped, mask=mask, disparity=disparity, direction=plan.direction,
                             flipped=plan.flipped)
-    view = torch.from_numpy(np.ascontiguousarray(frames)).to(device)  # uint8 travels, float is made there
+    frames = np.ascontiguousarray(frames) if frames.flags.writeable else frames.copy()  # torch wants writable
+    view = torch.from_numpy(frames).to(device)  # uint8 travels, float is made there
     view = view.permute(0, 3, 1, 2).float().div_(255.0)  # (T, H, W, 3) -> (T, 3, H, W)
     disparity = np.ascontiguousarray(disparity_px, dtype=np.float32)
     result = double_project(view, torch.from_numpy(disparity).to(device), plan.direction, **cfg.warp.options())

@@ -63,3 +63,26 @@ def test_the_manifest_counts_clips_per_stage_and_device_and_reads_shards_of_earl
                                           "pair": {"cpu": 1, "cuda:0": 3}}
     assert json.loads(storage.read_bytes("manifest.json"))["summary"]["stage_placement"] == summary["stage_placement"]
     assert "stage pair: 9.0 worker-s, 0.67 clips/s per worker (on cpu, cuda:0)" in format_summary(summary)
+
+
+def test_the_gapw_kernel_changes_neither_the_fingerprint_nor_the_sample_label():
+    """Every kernel gives the same samples: an output begun with one resumes with another, and samples are
+    labelled alike."""
+    from dreamstereo.pipeline.clip import chain_hash
+
+    base = load_config(GenerateConfig)
+    for kernel in ("torch", "numba"):
+        other = load_config(GenerateConfig, [], [f"process.pairs.warp.kernel={kernel}"])
+        assert input_fingerprint(INPUTS, other) == input_fingerprint(INPUTS, base), kernel
+        assert chain_hash(other.process) == chain_hash(base.process), kernel
+
+
+def test_the_cpu_kernel_on_a_gpu_placement_is_refused_naming_both_keys():
+    import pytest
+
+    from dreamstereo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"process.pairs.warp.kernel=numba .* resources.pair_placement=depth"):
+        load_config(GenerateConfig, [], ["process.pairs.warp.kernel=numba", "resources.pair_placement=depth",
+                                         "resources.depth_device=cuda"])
+    load_config(GenerateConfig, [], ["process.pairs.warp.kernel=numba", "resources.pair_placement=depth"])  # cpu
