@@ -45,7 +45,7 @@ step() {  # step NAME LIMIT_S SCRIPT ARGS...: run one benchmark script, keep the
     files+=("$wrote")
 }
 
-step warp 40 benchmarks/bench_warp.py --frames 4 --repeats 3
+step warp 40 benchmarks/bench_warp.py --frames 4 --repeats 3 --threads ''  # CUDA only: no CPU rows, no numba compile
 step stages 150 benchmarks/bench_stages.py --frames 17 --repeats 2
 step sasi 190 benchmarks/bench_sasi.py --device cuda --preset full --repeats 2 --e2e
 step train 90 benchmarks/bench_train.py --no-cpu --gpu-steps 5
