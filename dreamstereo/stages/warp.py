@@ -22,7 +22,7 @@ import torch
 
 from dreamstereo.stages import splat
 from dreamstereo.stages.gapw import DEFAULT_DELTA, DEFAULT_HOLE_MARGIN, gapw_parts, gapw_warp
-from dreamstereo.stages.warp_args import as_direction, as_method, check_warp_inputs  # noqa: F401 (public here)
+from dreamstereo.stages.warp_args import as_direction, as_method, check_warp_inputs, parse_enum  # noqa: F401 (public here)
 from dreamstereo.types import Direction, DoubleProjection, WarpMethod, WarpResult
 
 
@@ -36,12 +36,7 @@ class WarpKernel(str, enum.Enum):
 
 def as_kernel(kernel: WarpKernel | str) -> WarpKernel:
     """Parse a GAPW kernel name; raise ValueError listing the allowed ones."""
-    if isinstance(kernel, WarpKernel):
-        return kernel
-    try:
-        return WarpKernel(kernel)
-    except ValueError:
-        raise ValueError(f"`kernel={kernel!r}` must be one of {[k.value for k in WarpKernel]}") from None
+    return parse_enum(WarpKernel, kernel, "kernel")
 
 
 def use_numba(kernel: WarpKernel | str, device: torch.device | str) -> bool:

@@ -2,32 +2,36 @@
 
 from __future__ import annotations
 
+import enum
+from typing import TypeVar
+
 import torch
 
 from dreamstereo.types import Direction, WarpMethod
 
+E = TypeVar("E", bound=enum.Enum)
+
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def parse_enum(cls: type[E], value: E | str, name: str) -> E:
+    """``value`` as a member of the string enum ``cls``; a ValueError naming ``name`` and the allowed values."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"`{name}={value!r}` must be one of {[m.value for m in cls]}") from None
 
 
 def as_direction(direction: Direction | str) -> Direction:
     """Parse ``direction`` ("right" / "left" or a :class:`Direction`); raise ValueError otherwise."""
-    if isinstance(direction, Direction):
-        return direction
-    try:
-        return Direction(direction)
-    except ValueError:
-        allowed = [d.value for d in Direction]
-        raise ValueError(f"`direction={direction!r}` must be one of {allowed}") from None
+    return parse_enum(Direction, direction, "direction")
 
 
 def as_method(method: WarpMethod | str) -> WarpMethod:
     """Parse a warp method name; raise ValueError listing the allowed ones."""
-    if isinstance(method, WarpMethod):
-        return method
-    try:
-        return WarpMethod(method)
-    except ValueError:
-        raise ValueError(f"`method={method!r}` must be one of {[m.value for m in WarpMethod]}") from None
+    return parse_enum(WarpMethod, method, "method")
 
 
 def check_warp_inputs(
