@@ -203,6 +203,7 @@ def commit_staged(storage, shard_id: int, records: list[dict], timings: dict | N
             raise
     for name in storage.list(f"{STAGING_DIR}/{shard_id:06d}/"):
         storage.delete(name)
+    storage.prune(f"{STAGING_DIR}/{shard_id:06d}/")  # its (now empty) staging folder goes with them
     return stats
 
 

@@ -161,6 +161,16 @@ class LocalStorage:
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def prune(self, prefix: str) -> None:
+        """Remove the folder ``prefix`` when nothing is left in it, as an object store has no empty folders
+        (a folder something is being written to, or that holds anything, stays)."""
+        folder = self._path(prefix.rstrip("/"))
+        if folder != self.root and folder.is_dir():
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or a writer's file appeared): it stays
+                pass
+
     def open_read(self, key: str):
         return open(self._path(key), "rb")
 
@@ -257,6 +267,9 @@ class S3Storage:
 
     def delete(self, key: str) -> None:
         self._call("delete_object", key, Bucket=self.bucket, Key=self._key(key))
+
+    def prune(self, prefix: str) -> None:
+        """Nothing to do: a prefix without objects does not exist in S3."""
 
     def _call(self, method: str, key: str, **kwargs):
         from boto3.exceptions import S3UploadFailedError  # local: see _cached_client

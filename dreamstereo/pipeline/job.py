@@ -423,6 +423,9 @@ def _clear_staging(storage, committed: set[int]) -> None:
         parts = name.split("/")
         if len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) in committed:
             storage.delete(name)
+    for shard in sorted(committed):
+        storage.prune(f"{STAGING_DIR}/{shard:06d}/")
+    storage.prune(f"{STAGING_DIR}/")  # gone when no shard is pending
 
 
 def _has_retryable_failure(storage, shard: int) -> bool:

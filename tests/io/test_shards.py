@@ -105,6 +105,7 @@ def test_staged_samples_commit_in_input_order_and_leave_no_staging(tmp_path):
     assert stats["stage_placement"] == {"decode": {"cpu": 3}, "depth": {"cuda:0": 2}, "pair": {"cuda:0": 2},
                                         "write": {"cpu": 2}}
     assert storage.list("_staging/") == []
+    assert not (tmp_path / "out" / "_staging" / "000004").exists()  # nor its empty folder (issue 13, item 5)
     writes = len(storage.order)
     assert commit_staged(storage, 4, records) == stats and len(storage.order) == writes  # a retried task
 
@@ -147,3 +148,23 @@ def test_a_read_only_disk_is_an_unwritable_storage_error_naming_the_object(tiny_
     assert str(info.value) == (f"cannot write {str(tiny_disk.path / 'out' / 'shards' / '000000_stats.json')!r}: "
                                f"Read-only file system [EROFS]")
     assert storage.read_bytes("kept.json") == b"{}" and storage.list() == ["kept.json"]
+
+
+def test_prune_removes_only_an_empty_folder(tmp_path, s3_bucket, s3_env):
+    storage = LocalStorage(tmp_path / "out")
+    storage.write_bytes("_staging/000001/a.tar", b"a")
+    storage.write_bytes("_staging/000002/b.tar", b"b")
+    storage.prune("_staging/000001/")  # holds a.tar: stays
+    assert storage.list("_staging/") == ["_staging/000001/a.tar", "_staging/000002/b.tar"]
+    storage.delete("_staging/000001/a.tar")
+    storage.prune("_staging/000001/")
+    storage.prune("_staging/")  # still holds 000002/: stays
+    assert not (tmp_path / "out" / "_staging" / "000001").exists() and (tmp_path / "out" / "_staging").is_dir()
+    storage.prune("no/such/folder/")  # nothing there: nothing to do
+    storage.prune("")  # never the root itself
+    assert (tmp_path / "out").is_dir()
+    s3 = S3Storage(f"s3://{s3_bucket}/run", S3Config(endpoint_url=s3_env))
+    s3.write_bytes("_staging/000001/a.tar", b"a")
+    s3.prune("_staging/000001/")  # S3 has no folders: the object is untouched
+    assert s3.list("_staging/") == ["_staging/000001/a.tar"]
+

@@ -69,6 +69,7 @@ def test_local_run_accounts_for_every_input_and_resumes(capsys, ray_session, cor
     assert set(summary["stage_clips_per_s"]) == {"decode", "pair", "write"}
     assert "clips/s" in captured.out and "frames/s; ETA" in captured.out
     assert storage.list("_staging/") == []  # staged samples were assembled into shards and removed
+    assert not (out / "_staging").exists()  # and no empty staging folders are left behind (issue 13, item 5)
     assert {r["source"] for r in rows} == {str(p) for p in corpus.glob("*.mp4")}  # every input has a row
     assert sum(r["status"] == "ok" for r in rows) == len(samples) == summary["samples"] > 0
     broken = [r for r in rows if r["source"].endswith("broken.mp4")]
