@@ -26,6 +26,7 @@ import logging
 import subprocess
 import tarfile
 import tempfile
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +37,29 @@ import webdataset as wds
 
 from dreamstereo import __version__
 from dreamstereo.io.storage import S3Config, S3Storage, StorageError, open_storage
+from dreamstereo.stages.quality import QualityScores
 from dreamstereo.types import SampleStatus
 
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 STAGING_DIR = "_staging"
+# The parquet of every shard has this one typed schema, whatever its clips did (all kept, all failed, none),
+# so a whole output reads as one table (pyarrow.dataset, pandas.read_parquet(DST/shards), DuckDB). Version 1
+# (before) inferred the types per shard: a shard without failures had null-typed reason/message columns.
+# The quality scores are typed columns (``quality_<name>``, null when a clip failed before scoring) beside
+# the JSON ``scores``; ``placement`` is JSON (stage -> device).
+PARQUET_SCHEMA_VERSION = 2
+_QUALITY_TYPES = {int: pa.int64(), float: pa.float64(), bool: pa.bool_()}
+QUALITY_COLUMNS = {f"quality_{name}": _QUALITY_TYPES[kind] for name, kind in typing.get_type_hints(QualityScores).items()}
+_QUALITY_CASTS = {f"quality_{name}": kind for name, kind in typing.get_type_hints(QualityScores).items()}
+PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("input_index", pa.int64()), ("clip_index", pa.int64()),
+    ("status", pa.string()), ("reason", pa.string()), ("message", pa.string()), ("frames", pa.int64()),
+    ("worker", pa.string()), ("scores", pa.string()), ("placement", pa.string()),
+    *QUALITY_COLUMNS.items(),
+])
+
 # What a stored record may say (``pending`` exists only in flight).
 STATUSES = tuple(s.value for s in (SampleStatus.OK, SampleStatus.REJECTED, SampleStatus.FAILED))
 
@@ -118,11 +136,8 @@ class ShardWriter:
                 digest.update(block)
         sha = digest.hexdigest()
         self.storage.upload_file(shard_name(self.shard_id, "tar"), self._tar_path)
-        rows = [{**r, "scores": json.dumps(r.get("scores") or {}, sort_keys=True),
-                 **({"placement": json.dumps(r["placement"], sort_keys=True)} if "placement" in r else {})}
-                for r in self.records]
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows) if rows else pa.table({"key": pa.array([], pa.string())}), buffer)
+        pq.write_table(pa.Table.from_pylist([parquet_row(r) for r in self.records], schema=PARQUET_SCHEMA), buffer)
         self.storage.write_bytes(shard_name(self.shard_id, "parquet"), buffer.getvalue())
         counts = collections.Counter(r["status"] for r in self.records)
         reasons = collections.Counter(f"{r['status']}:{r['reason']}" for r in self.records if r.get("reason"))
@@ -143,11 +158,24 @@ class ShardWriter:
             "start": self.started.isoformat(),
             "end": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "config_hash": self.config_hash,
+            "parquet_schema_version": PARQUET_SCHEMA_VERSION,
             "package_version": __version__,
             "git_sha": git_sha(),
         }
         self.storage.write_bytes(shard_name(self.shard_id, "stats.json"), json.dumps(stats, indent=2).encode())
         return stats
+
+
+def parquet_row(record: dict) -> dict:
+    """One record as a row of :data:`PARQUET_SCHEMA`: the JSON columns serialised, the quality scores typed."""
+    scores = record.get("scores") or {}
+    row = {name: record.get(name) for name in PARQUET_SCHEMA.names}
+    row["scores"] = json.dumps(scores, sort_keys=True)
+    row["placement"] = json.dumps(record["placement"], sort_keys=True) if record.get("placement") else None
+    for column, kind in _QUALITY_CASTS.items():  # numpy scalars, or floats after a JSON round trip (True -> 1.0)
+        value = scores.get(column[len("quality_"):])
+        row[column] = None if value is None else kind(value)
+    return row
 
 
 def _discard_uncommitted(storage, shard_id: int) -> None:

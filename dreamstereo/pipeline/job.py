@@ -28,7 +28,14 @@ import ray
 
 from dreamstereo import __version__
 from dreamstereo.config import config_hash, to_yaml
-from dreamstereo.io.shards import STAGING_DIR, STATUSES, commit_staged, committed_shards, shard_name
+from dreamstereo.io.shards import (
+    PARQUET_SCHEMA_VERSION,
+    STAGING_DIR,
+    STATUSES,
+    commit_staged,
+    committed_shards,
+    shard_name,
+)
 from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
 from dreamstereo.pipeline.actors import (
     CONTRACT,
@@ -462,7 +469,8 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         for stage, devices in stats.get("stage_placement", {}).items():  # absent in shards of earlier versions
             placement[stage].update(devices)
     summary = {
-        "version": __version__, "config_hash": config_hash(cfg), "inputs": sum(len(s) for s in shards),
+        "version": __version__, "config_hash": config_hash(cfg), "parquet_schema_version": PARQUET_SCHEMA_VERSION,
+        "inputs": sum(len(s) for s in shards),
         "shards": len(shards), "committed_shards": len(entries), "failed_shards": failed_shards,
         "clips": totals["count"], "samples": totals["samples"], "rejected": totals["rejected"],
         "failed": totals["failed"], "reasons": dict(sorted(reasons.items())), "wall_seconds": round(seconds, 2),

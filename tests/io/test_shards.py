@@ -168,3 +168,48 @@ def test_prune_removes_only_an_empty_folder(tmp_path, s3_bucket, s3_env):
     s3.prune("_staging/000001/")  # S3 has no folders: the object is untouched
     assert s3.list("_staging/") == ["_staging/000001/a.tar"]
 
+
+
+def test_an_output_of_kept_failed_and_empty_shards_reads_as_one_table(tmp_path):
+    """Issue 13, item 4: one typed schema in every shard's parquet, so the whole output is one table for
+    pyarrow, pandas and DuckDB (before, a shard without failures wrote null-typed reason/message columns
+    and reading the folder failed with "Unsupported cast from string to null")."""
+    import duckdb
+    import pandas as pd
+    import pyarrow.dataset as ds
+
+    from dreamstereo.io.shards import PARQUET_SCHEMA, PARQUET_SCHEMA_VERSION
+
+    storage = LocalStorage(tmp_path / "out")
+    scores = {"frames": 9, "short_side": 64, "mask_ratio": 0.12, "disparity_finite": True, "disparity_range": 3.5,
+              "max_cut_score": 0.1, "motion": 0.02, "contrast": 0.3}
+    kept = ShardWriter(storage, 0)
+    for i in range(2):
+        kept.add({"key": f"a-{i}", "source": "a.mp4", "input_index": 0, "clip_index": i, "status": "ok",
+                  "reason": None, "message": None, "frames": 9, "worker": "w:1", "scores": scores,
+                  "placement": {"decode": "cpu"}}, {"json": b"{}"})
+    stats = [kept.commit()]
+    failed = ShardWriter(storage, 1)
+    failed.add({"key": "b-0", "source": "b.mp4", "input_index": 1, "clip_index": 0, "status": "failed",
+                "reason": "decode_failed", "message": "not a video", "frames": 0, "worker": "w:2",
+                "scores": {"message": "not a video"}})
+    # a record that crossed JSON in the pipeline: its bool score arrives as 1.0
+    failed.add({"key": "c-0", "source": "c.mp4", "input_index": 2, "clip_index": 0, "status": "rejected",
+                "reason": "mask_ratio_high", "message": None, "frames": 9, "worker": "w:2",
+                "scores": {**scores, "disparity_finite": 1.0, "mask_ratio": 0.9}})
+    stats.append(failed.commit())
+    stats.append(ShardWriter(storage, 2).commit())  # an input list whose last shard kept nothing
+    assert all(s["parquet_schema_version"] == PARQUET_SCHEMA_VERSION for s in stats)
+    for k in range(3):
+        assert pq.read_schema(tmp_path / "out" / shard_name(k, "parquet")) == PARQUET_SCHEMA
+
+    parquets = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.parquet"))
+    table = ds.dataset(parquets, format="parquet").to_table()
+    assert table.num_rows == 4 and table.schema == PARQUET_SCHEMA
+    frame = pd.read_parquet(parquets)  # the files: the folder also holds the tars and stats (issue 13 decides)
+    assert sorted(frame["status"]) == ["failed", "ok", "ok", "rejected"]
+    assert frame.loc[frame["key"] == "c-0", "quality_disparity_finite"].item() is True
+    assert frame["quality_mask_ratio"].isna().sum() == 1  # the failed clip was never scored
+    rows = duckdb.sql(f"SELECT status, count(*) AS n, avg(quality_mask_ratio) AS mask FROM "
+                      f"read_parquet('{tmp_path}/out/shards/*.parquet') GROUP BY status ORDER BY status").fetchall()
+    assert rows == [("failed", 1, None), ("ok", 2, pytest.approx(0.12)), ("rejected", 1, pytest.approx(0.9))]
