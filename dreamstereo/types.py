@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # annotations only: this floor module stays free of heavy imp
     import torch
 
 
+# Frames per pass when a stage works through a clip in chunks (decode hand-over, disparity, PBDP, quality,
+# encoding): temporaries stay a few frames big whatever the clip's length (issue 12). One number for all.
+CHUNK_FRAMES = 8
+
+
 class Direction(str, enum.Enum):
     """Where view 2 lies relative to view 1.
 

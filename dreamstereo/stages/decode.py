@@ -25,7 +25,7 @@ import av
 import cv2
 import numpy as np
 
-from dreamstereo.types import ErrorCode, SampleError
+from dreamstereo.types import CHUNK_FRAMES, ErrorCode, SampleError
 
 logger = logging.getLogger(__name__)
 
@@ -311,15 +311,14 @@ def _decode_with_decord(data: bytes, probe: VideoProbe, cfg: DecodeConfig, shrin
         raise _DecordCannot from None
 
 
-_BATCH_FRAMES = 8  # frames decord hands over at a time: the source-size frames of a whole clip are never held
 
 
 def _batched(reader, indices: list[int], shrink) -> np.ndarray:
-    """The frames ``indices`` of a decord reader, brought to the bucket :data:`_BATCH_FRAMES` at a time
+    """The frames ``indices`` of a decord reader, brought to the bucket :data:`CHUNK_FRAMES` at a time
     (issue 12: a 81-frame 720p clip held whole at its source size cost 224 MB more in the decode child)."""
     out = None
-    for start in range(0, len(indices), _BATCH_FRAMES):
-        part = shrink(reader.get_batch(indices[start:start + _BATCH_FRAMES]).asnumpy())
+    for start in range(0, len(indices), CHUNK_FRAMES):
+        part = shrink(reader.get_batch(indices[start:start + CHUNK_FRAMES]).asnumpy())
         if out is None:
             out = np.empty((len(indices), *part.shape[1:]), part.dtype)
         out[start:start + len(part)] = part

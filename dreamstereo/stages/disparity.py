@@ -15,6 +15,8 @@ import hashlib
 
 import numpy as np
 
+from dreamstereo.types import CHUNK_FRAMES  # noqa: F401 (public here: pipeline/clip.py reads it)
+
 RANGE_EPS = 1e-6  # a clip whose relative disparity spans less than this is treated as constant
 
 
@@ -45,7 +47,6 @@ def sample_max_disparity(key: str, cfg: DisparityConfig) -> float:
     return float(rng_for(key, "max_disparity").uniform(lo, hi)) if hi > lo else float(lo)
 
 
-CHUNK_FRAMES = 8  # frames per pass over a clip: temporaries stay a few frames big, whatever the clip's length
 
 
 def disparity_bounds(relative: np.ndarray) -> tuple[float, float] | None:

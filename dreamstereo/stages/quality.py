@@ -11,7 +11,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from dreamstereo.types import RejectReason
+from dreamstereo.types import CHUNK_FRAMES, RejectReason
 
 _SMALL = (64, 36)  # (width, height) thumbnails used for motion and cut scores
 
@@ -86,7 +86,7 @@ def score_quality(frames: np.ndarray, relative_disparity: np.ndarray, mask: np.n
     )
 
 
-def _disparity_spread(relative: np.ndarray, chunk_frames: int = 8) -> tuple[bool, float]:
+def _disparity_spread(relative: np.ndarray, chunk_frames: int = CHUNK_FRAMES) -> tuple[bool, float]:
     """Whether all of ``relative`` is finite, and its range relative to its largest magnitude (0 when not
     finite or empty); a few frames at a time, so no clip-sized temporary is made (issue 12)."""
     lo = hi = None
