@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth backend (default: config; oracle reads <video stem>.disparity.npz)")
     p.add_argument("--preview", action="store_true", help="also write <output stem>.preview.png (a contact sheet)")
     p.add_argument("--checkpoint", metavar="DIR",
-                   help="inpainting model folder (`dreamstereo export` output); without it OpenCV fills the holes")
+                   help="inpainting model folder (`dreamstereo export` output, or toy: random weights, a smoke "
+                        "test); without it OpenCV fills the holes")
     _add_config_args(p)
 
     p = sub.add_parser("train", help="LoRA training of the stereo inpainter on shards (Stage 1 or Stage 2)")
@@ -119,18 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge a training checkpoint's LoRA into a standalone model folder")
     p.add_argument("checkpoint", help="a checkpoints/step-NNNNNNNN folder (local or s3://)")
     p.add_argument("--out", required=True, help="output model folder (transformer/, vae/, prompt embedding)")
-    p.add_argument("--base", help="base model folder (default: the one recorded in the checkpoint)")
+    p.add_argument("--base", help="base model folder, or toy (default: the one recorded in the checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype of the saved transformer (default float32)")
 
     p = sub.add_parser("evaluate", help="score an inpainting checkpoint on held-out PBDP pairs (dense, SASI, OpenCV)")
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="model folder (`dreamstereo export` output)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="model folder (`dreamstereo export` output, or toy: random weights, a smoke test)")
     p.add_argument("--shards", required=True, help="a generate output (local or s3://), a brace pattern or a .tar")
     p.add_argument("--json", metavar="OUT", help="write the report here, plus OUT.md (table) and OUT.png (contact sheet)")
     _add_config_args(p)
 
-    p = sub.add_parser("demo", help="make a synthetic scene and run the data chain on it")
+    p = sub.add_parser("demo", help="the whole mission on built-in scenes and toy models: data, training, a stereo "
+                                     "video, evaluation, report")
     p.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    p.add_argument("--only", choices=["all", "data"], help="data: the data side only, about a minute (default: all)")
     _add_config_args(p)
     return parser
 
@@ -233,12 +237,14 @@ def _cmd_warp_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from dreamstereo.demo import run_demo
 
-    cfg = _load("demo", args)
+    cfg = _load("demo", args, [f"only={args.only}"] if args.only else [])
     _check_output_folder(args.out)
     result = run_demo(args.out, cfg)
-    print(f"demo: videos in {args.out}/videos, double projection in {args.out}/pbdp (open preview.png), "
-          f"shards in {args.out}/shards ({result['generate']['samples']} samples); "
-          f"a sample read back: {args.out}/sample-preview.png; a stereo video: {args.out}/stereo.mp4")
+    width = max(len(path) for path, _ in result["open"])
+    print(f"demo: done in {result['seconds']:.0f} s ({result['generate']['samples']} pairs). Open:")
+    print("\n".join(f"  {path:<{width}}  {what}" for path, what in result["open"]))
+    if result.get("smoke_test"):
+        print(f"  (models: {result['smoke_test']})")
     return 1 if result["generate"]["failed_shards"] else 0
 
 

@@ -102,9 +102,13 @@ def to_plain(config: Any) -> Any:
     return config
 
 
-def to_yaml(config: Any) -> str:
-    """Resolved config as YAML (enums by value); ``load_config`` reads it back to an equal config."""
-    return OmegaConf.to_yaml(OmegaConf.create(to_plain(config)))
+def to_yaml(config: Any, *, note: str | None = None) -> str:
+    """Resolved config as YAML (enums by value); ``load_config`` reads it back to an equal config.
+
+    ``note`` goes first as a comment, e.g. that the run used random toy weights (a smoke test).
+    """
+    head = "".join(f"# {line}\n" for line in note.splitlines()) if note else ""
+    return head + OmegaConf.to_yaml(OmegaConf.create(to_plain(config)))
 
 
 def config_hash(config: Any) -> str:

@@ -1,19 +1,104 @@
-"""Randomly initialised models of the real architectures, saved like checkpoints.
+"""Randomly initialised models of the real architectures, saved like checkpoints, and ``toy`` by name.
 
-Used by the tests (toy sizes, seconds on a CPU) and the benchmarks (toy or published sizes, to time
-compute without downloading weights). Their outputs mean nothing; their code paths are the real ones.
-Each builder imports its library (transformers, diffusers) itself: those take seconds to import.
+Used by the tests (toy sizes, seconds on a CPU), the benchmarks (toy or published sizes, to time compute without
+downloading weights) and every command: ``model.base=toy`` (training, export), ``--checkpoint toy`` (convert,
+evaluate) and ``depth.weights=toy`` (Depth Anything V2, DepthCrafter) resolve to a toy model built on first use
+(:func:`toy_folder`). Their outputs mean nothing; their code paths are the real ones, and every output that
+touches one says so (:data:`SMOKE_TEST`).
+
+This module sits on the lowest floor so that every part of the package can resolve ``toy``; it imports none of
+ours, and each builder imports its library (torch, transformers, diffusers) itself: those take seconds to import.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import torch
+from dreamstereo.types import UserError
+
+logger = logging.getLogger(__name__)
+
+TOY = "toy"
+SMOKE_TEST = ("random toy weights (the built-in `toy` models): this output is a smoke test of the code path, "
+              "not a result")
+TOY_INFO_FILE = "dreamstereo_model.json"  # models.wan_inpaint.MODEL_INFO_FILE: the folder's own description
+TOY_KINDS = ("wan", "depth-anything-v2", "depthcrafter")
+
+
+def is_toy(spec) -> bool:
+    """Whether a model setting (``model.base``, ``depth.weights``, ``--checkpoint``) names the toy models."""
+    return isinstance(spec, str) and spec.strip().lower() == TOY
+
+
+def _cache_root() -> Path:
+    """``$DREAMSTEREO_TOY_CACHE``, else ``<temp>/dreamstereo-toy-<uid>``: this user's own folder (mode 700),
+    refused if someone else owns it or can write to it (weights are loaded from it)."""
+    root = Path(os.environ.get("DREAMSTEREO_TOY_CACHE") or Path(tempfile.gettempdir()) / f"dreamstereo-toy-{os.getuid()}")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = root.stat()
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        raise UserError(f"toy model cache {str(root)!r} is not this user's own folder (owner uid {info.st_uid}, "
+                        f"mode {oct(info.st_mode & 0o777)}): set DREAMSTEREO_TOY_CACHE to a folder of yours")
+    return root
+
+
+def _revision() -> str:
+    """Changes whenever the builders here change, so an old toy is never loaded as the current one."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def toy_folder(kind: str) -> Path:
+    """The toy model ``kind`` (:data:`TOY_KINDS`), built on first use (seconds) and shared by this user's
+    processes (Ray workers, the demo's commands, reruns).
+
+    Built under a temporary name beside its place and renamed into it, so a reader sees a whole folder or none;
+    two processes building at once both succeed and one copy stays (the builders are seeded: both are the same).
+    DepthCrafter's folder holds ``unet/`` and ``svd/`` (the base: ``vae/``, ``image_encoder/``, ``scheduler/``).
+    """
+    if kind not in TOY_KINDS:
+        raise ValueError(f"no toy model {kind!r}; there are {', '.join(TOY_KINDS)}")
+    root = _cache_root()
+    final = root / f"{kind}-{_revision()}"
+    if final.is_dir():
+        return final
+    logger.info("building the toy %s model (random weights, a smoke test) in %s", kind, final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+    try:
+        if kind == "wan":
+            save_toy_wan(tmp)
+        elif kind == "depth-anything-v2":
+            save_depth_anything_v2(tmp)
+        else:
+            save_depthcrafter(tmp)
+        (tmp / TOY_INFO_FILE).write_text(json.dumps({"toy": kind, "smoke_test": SMOKE_TEST}, indent=2))
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():  # not another process's copy that won the race: a real failure
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def toy_note(folder) -> str | None:
+    """:data:`SMOKE_TEST` when a model folder is a toy or was made from one (its ``dreamstereo_model.json`` says
+    so), else None."""
+    try:
+        info = json.loads((Path(folder) / TOY_INFO_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return None
+    return SMOKE_TEST if isinstance(info, dict) and info.get("smoke_test") else None
 
 
 def save_depth_anything_v2(path: str | Path, *, published_small: bool = False, seed: int = 0) -> str:
     """Depth Anything V2 (transformers), toy size or the published Small layout; returns the folder."""
+    import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
 
     if published_small:
@@ -39,6 +124,7 @@ def save_depthcrafter(root: str | Path, *, published_size: bool = False, seed: i
     """DepthCrafter's components (SVD UNet, temporal VAE, CLIP ViT image encoder, Euler scheduler), toy
     size or the published SVD-XT sizes; returns ``(UNet folder, base folder)`` with the base holding
     ``vae/``, ``image_encoder/`` and ``scheduler/`` as the SVD repository does."""
+    import torch
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -102,6 +188,7 @@ def save_toy_wan(path: str | Path, *, text_encoder: bool = True, seed: int = 0) 
     channels, as the published T2V model), ``vae/`` and, with ``text_encoder``, a tiny umT5
     (``text_encoder/``) and a word-level tokenizer (``tokenizer/``: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2,
     an end-of-sequence token appended as T5's does), built offline. Returns the folder."""
+    import torch
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     path = Path(path)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,9 +14,19 @@ import torch
 
 # Nothing in the tests may reach a model hub: fail fast on any hub id instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The built-in toy models (`toy`) are built once per test session in a folder of its own, set before any Ray
+# worker starts so that workers build and read the same ones; removed at the end (`_toy_cache`).
+TOY_CACHE = tempfile.mkdtemp(prefix="dreamstereo-toy-tests-")
+os.environ["DREAMSTEREO_TOY_CACHE"] = TOY_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DREAMSTEREO_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _toy_cache():
+    yield TOY_CACHE
+    shutil.rmtree(TOY_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -179,19 +179,59 @@ def test_warp_eval_missing_folder_exits_2(capsys, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_the_data_side_end_to_end(capsys, tmp_path, ray_session):
+def test_demo_only_data_runs_the_data_side_end_to_end(capsys, tmp_path, ray_session):
     out = tmp_path / "demo"
-    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_videos=2", "width=160", "height=96")
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "--only", "data", "num_videos=2", "width=160",
+                           "height=96")
     assert code == 0, stdout
     result = json.loads((out / "manifest.json").read_text())
     assert result["direction"] == "left" and result["mask1_iou_vs_analytic"] >= 0.9
     summary = result["generate"]
     assert summary["inputs"] == 3 and summary["samples"] + summary["rejected"] == 2 and summary["failed"] == 1
     assert (out / "pbdp" / "preview.png").is_file() and (out / "config.yaml").is_file()
-    assert (out / "shards" / "manifest.json").is_file() and (out / "shards" / "_run_config.yaml").is_file()
+    assert (out / "pairs" / "manifest.json").is_file() and (out / "pairs" / "_run_config.yaml").is_file()
     assert summary["samples"] == 0 or (out / "sample-preview.png").is_file()
     frames, _ = media.read_video(out / "stereo.mp4")  # the first scene converted, side by side
     assert frames.shape[1:] == (96, 320, 3) and (out / "stereo.preview.png").is_file()
+    assert result["convert"]["inpainting"] == "opencv-telea"
+    assert not (out / "train").exists() and not (out / "raw").exists() and "smoke_test" not in result
+    listed = [line.split()[0] for line in stdout.splitlines()[1:] if line.startswith("  /")]
+    assert str(out / "stereo.mp4") in listed and all(Path(path).exists() for path in listed)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_mission_on_the_toy_models(capsys, tmp_path, ray_session):
+    """scenes -> generate raw and pairs -> Stage 1 -> Stage 2 -> export -> convert through the model (SASI)
+    -> evaluate on the held-out shard -> report; every output the toy model touched says it is random."""
+    out = tmp_path / "demo"
+    code, stdout, _ = _run(capsys, "demo", "--out", str(out), "num_videos=2", "width=160", "height=96",
+                           "train_steps=3")
+    assert code == 0, stdout
+    result = json.loads((out / "manifest.json").read_text())
+    note = result["smoke_test"]
+    assert "random" in note and "smoke test" in note
+    assert result["raw"]["inputs"] == 3 and result["raw"]["samples"] == 2  # mode=raw keeps both clean clips
+    stage1, stage2 = result["train"]["stage1"], result["train"]["stage2"]
+    assert stage1["steps"] == stage2["steps"] == 3
+    meta2 = json.loads((Path(stage2["checkpoint"]) / "meta.json").read_text())
+    assert meta2["base"] == "toy" and meta2["smoke_test"] == note
+    config2 = (out / "train" / "stage2" / "config.yaml").read_text()
+    assert config2.startswith(f"# {note}") and "init_from: " + stage1["checkpoint"] in config2
+    assert "stage: pairs" in config2 and "holdout_shards: 1" in config2
+    info = json.loads((out / "model" / "dreamstereo_model.json").read_text())
+    assert info["checkpoint"] == stage2["checkpoint"] and info["smoke_test"] == note
+    record = json.loads((out / "stereo.mp4.json").read_text())
+    assert record["inpainting"].startswith("model (SASI k=")  # the sparse-token path, not OpenCV or dense
+    assert "inpainting: " + note in record["smoke_test"]
+    assert media.read_video(out / "stereo.mp4")[0].shape[1:] == (96, 320, 3)
+    report = json.loads((out / "eval" / "eval.json").read_text())
+    pairs = json.loads((out / "pairs" / "manifest.json").read_text())
+    assert report["shards"] == str(out / "pairs" / pairs["shards"][-1]["path"])  # the shard Stage 2 held out
+    assert report["samples"] == pairs["shards"][-1]["num_samples"] == 1 and report["smoke_test"] == note
+    assert {row["method"] for row in report["table"]} == {"sparse", "dense", "opencv"}
+    assert (out / "eval" / "eval.md").read_text().startswith("SMOKE TEST")
+    listed = [line.split()[0] for line in stdout.splitlines()[1:] if line.startswith("  /")]
+    assert str(out / "eval" / "eval.md") in listed and all(Path(path).exists() for path in listed)
 
 
 def test_console_script_is_installed():

@@ -16,15 +16,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dreamstereo"
 # Floor of each part of the package, lowest first. A module imports from lower floors, or from its own
 # part (a package's modules use each other), never from a higher floor or a sibling part of its floor.
 FLOORS = [
-    {"dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config"},  # shared vocabulary
+    # shared vocabulary, and the built-in toy models every part resolves by name (``toy``)
+    {"dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config", "dreamstereo.toy_models"},
     {"dreamstereo.stages", "dreamstereo.models"},  # pure functions over arrays, model definitions
     {"dreamstereo.io"},  # storage, shards, sample format, media
     {"dreamstereo.pipeline", "dreamstereo.training", "dreamstereo.inference"},  # the three parts
-    {"dreamstereo.cli", "dreamstereo.pbdp", "dreamstereo.demo", "dreamstereo.warp_eval", "dreamstereo.scenes",
-     "dreamstereo.toy_models"},  # commands and tools built on them
+    {"dreamstereo.cli", "dreamstereo.pbdp", "dreamstereo.demo", "dreamstereo.warp_eval",
+     "dreamstereo.scenes"},  # commands and tools built on them
 ]
-# Within the root floor, the order matters too: types imports nothing of ours, config only types.
-ROOT_ORDER = ["dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config"]
+# Within the root floor, the order matters too: types imports nothing of ours, config and toy_models only types.
+ROOT_ORDER = ["dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config", "dreamstereo.toy_models"]
 
 
 def _modules() -> dict[str, Path]:

@@ -170,12 +170,16 @@ def convert_video(source: str | Path, output: str | Path, cfg: ConvertConfig, *,
         "ms_per_frame": {k: round(1000 * v / max(done, 1), 2) for k, v in seconds.items()},
         "wall_seconds": round(wall, 2), "config": to_plain(cfg),
     }
+    smoke = [f"{what}: {note}" for what, note in (("depth", cfg.depth.smoke_test),
+                                                  ("inpainting", inpainter and inpainter.smoke_test)) if note]
+    if smoke:
+        record["smoke_test"] = "; ".join(smoke)
     if preview and sheet_tiles is not None:
         media.write_image(preview, contact_sheet(sheet_tiles, columns=2))
         record["preview"] = str(preview)
     media.write_text(f"{output}.json", json.dumps(record, indent=2))
     echo(f"convert: {done} frames -> {output} ({cfg.format.value}, {'with' if audio else 'no'} audio, "
-         f"{1000 * wall / max(done, 1):.0f} ms/frame)")
+         f"{1000 * wall / max(done, 1):.0f} ms/frame)" + (" SMOKE TEST: random toy weights" if smoke else ""))
     return record
 
 

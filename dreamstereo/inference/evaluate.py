@@ -135,8 +135,10 @@ def evaluate(checkpoint: str, shards: str, cfg: EvaluateConfig, *, json_out: str
     report = {"version": __version__, "checkpoint": str(checkpoint), "shards": shards, "samples": samples,
               "frames": frames_total, "lpips": "computed" if lpips else "not computed (no lpips_weights)",
               "prompt_embedding": inpainter.prompt_source, "table": table, "per_sample": rows,
-              "config": to_plain(cfg)}
+              "config": to_plain(cfg), **({"smoke_test": inpainter.smoke_test} if inpainter.smoke_test else {})}
     markdown = format_table(table, lpips is not None)
+    if inpainter.smoke_test:
+        markdown = f"SMOKE TEST: {inpainter.smoke_test}\n\n{markdown}"
     echo(markdown)
     if json_out:
         json_out = Path(json_out)

@@ -19,6 +19,7 @@ Timings (DiT, VAE) and token retention are accumulated in ``stats``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,8 @@ import torch
 from dreamstereo.inference.sampler import dense_velocity, flow_sigmas, sample, sparse_velocity
 from dreamstereo.inference.sasi import SasiConfig, SparseWanTransformer, token_mask
 from dreamstereo.models import wan_inpaint as wan
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -61,6 +64,9 @@ class StereoInpainter:
     def __init__(self, model_dir: str | Path, cfg: InpaintConfig | None = None, device: str = "cpu"):
         self.cfg = cfg or InpaintConfig()
         self.device = torch.device(device)
+        self.smoke_test = wan.smoke_test(model_dir)  # a toy model (random weights), or one trained from it
+        if self.smoke_test:
+            logger.warning("inpainting model %s: %s", model_dir, self.smoke_test)
         dtype = getattr(torch, self.cfg.dtype)
         self.transformer = wan.load_inpaint_model(model_dir, dtype=dtype, device=device).eval()
         self.vae = wan.load_vae(model_dir, dtype=dtype, device=device)

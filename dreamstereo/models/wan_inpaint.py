@@ -12,7 +12,8 @@ has ``text_encoder/`` and ``tokenizer/``). ``load_inpaint_model`` accepts:
 - a diffusers-format Wan2.1-T2V-1.3B folder (16 input channels): the patch embedding is widened to 36
   input channels, the 20 new ones zero-initialised, so the output for the first 16 is unchanged;
 - a folder whose ``transformer/`` already takes 36 channels (an exported DreamStereo model, or another
-  36-channel inpainting checkpoint converted to diffusers layout).
+  36-channel inpainting checkpoint converted to diffusers layout);
+- ``toy``: the built-in toy Wan (random weights, the real classes; ``dreamstereo.toy_models``), for smoke tests.
 
 Text conditioning is one fixed embedding of the empty prompt (``prompt_embedding.safetensors`` beside
 ``transformer/``), computed once with umT5 when a text encoder is available (``compute_prompt_embedding``),
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dreamstereo import toy_models
 from dreamstereo.types import UserError
 
 # diffusers, peft and transformers are imported inside the functions that build or adapt models: together they
@@ -47,14 +49,14 @@ VAE_SPATIAL = 8  # pixels per latent cell along height and width
 NUM_TRAIN_TIMESTEPS = 1000  # Wan's flow-matching scheduler: timestep = sigma * 1000
 TEXT_MAX_LEN = 512  # Wan2.1's umT5 sequence length (pipeline_wan.py: max_sequence_length=512)
 PROMPT_EMBEDDING_FILE = "prompt_embedding.safetensors"
-MODEL_INFO_FILE = "dreamstereo_model.json"
+MODEL_INFO_FILE = toy_models.TOY_INFO_FILE  # dreamstereo_model.json
 # LoRA targets in every WanTransformerBlock: self-attention, cross-attention, feed-forward.
 LORA_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
                 "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
                 "ffn.net.0.proj", "ffn.net.2")
 DOWNLOAD_HINT = ("a local diffusers-format Wan2.1-T2V-1.3B folder (with transformer/ and vae/), e.g. from "
                  "`huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir DIR`, "
-                 "or a model folder written by `dreamstereo export`")
+                 "or a model folder written by `dreamstereo export`, or `toy` (random weights: a smoke test)")
 
 
 class WeightsError(UserError, ValueError):
@@ -154,8 +156,20 @@ def predict_velocity(transformer, model_input: torch.Tensor, sigmas: torch.Tenso
 # Loading the transformer
 
 
+def model_folder(path: str | Path) -> Path:
+    """A model setting as a folder: ``toy`` is the built-in toy Wan (random weights, built on first use)."""
+    return toy_models.toy_folder("wan") if toy_models.is_toy(path) else Path(path)
+
+
+def smoke_test(path: str | Path | None) -> str | None:
+    """:data:`~dreamstereo.toy_models.SMOKE_TEST` when the model ``path`` is the toy or was made from it."""
+    if path is None:
+        return None
+    return toy_models.SMOKE_TEST if toy_models.is_toy(path) else toy_models.toy_note(path)
+
+
 def _transformer_folder(path: str | Path) -> Path:
-    path = Path(path)
+    path = model_folder(path)
     if (path / "transformer" / "config.json").is_file():
         return path / "transformer"
     if (path / "config.json").is_file() and "WanTransformer3DModel" in (path / "config.json").read_text():
@@ -294,7 +308,7 @@ def load_vae(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     """The frozen ``AutoencoderKLWan`` from ``path/vae`` (or ``path`` itself)."""
     from diffusers import AutoencoderKLWan
 
-    path = Path(path)
+    path = model_folder(path)
     folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
         raise WeightsError(f"model {str(path)!r} has no vae/config.json: provide {DOWNLOAD_HINT}")
@@ -350,7 +364,7 @@ def compute_prompt_embedding(folder: str | Path, *, prompt: str = "", max_len: i
     """
     from transformers import AutoTokenizer, UMT5EncoderModel
 
-    folder = Path(folder)
+    folder = model_folder(folder)
     if not (folder / "text_encoder").is_dir() or not (folder / "tokenizer").is_dir():
         raise WeightsError(f"{str(folder)!r} needs text_encoder/ and tokenizer/ (as in Wan2.1-T2V-1.3B-Diffusers)")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
@@ -384,7 +398,7 @@ def resolve_prompt_embedding(model_path: str | Path, text_dim: int, *, text_enco
     4. otherwise zeros ``(1, 512, text_dim)``, with a warning: the model then learns without any text
        signal, which is consistent between training and inference as long as both use the stored tensor.
     """
-    model_path = Path(model_path)
+    model_path = model_folder(model_path)
     if text_encoder is not None:
         return compute_prompt_embedding(text_encoder, device=device), f"umT5 at {text_encoder}"
     if (model_path / PROMPT_EMBEDDING_FILE).is_file():

@@ -139,6 +139,11 @@ class GenerateConfig:
                              f"runs pairs on resources.depth_device={self.resources.depth_device!r}: use "
                              f"warp.kernel=auto, or pair_placement=cpu")
 
+    @property
+    def smoke_test(self) -> str | None:
+        """What every output says when the run's depth model is the random toy (``process.depth.weights=toy``)."""
+        return None if self.mode is GenerateMode.RAW else self.process.depth.smoke_test
+
 
 def _init_ray(address: str | None):
     if ray.is_initialized():
@@ -228,7 +233,9 @@ def run_generate(source: str, output: str, cfg: GenerateConfig, *, echo=print, r
     _remove_temp_files(storage)  # of writers killed in an earlier run
     shards = group_into_shards(inputs, cfg.shard_size)
     _claim_output(storage, inputs, cfg)
-    storage.write_bytes("_run_config.yaml", to_yaml(cfg).encode())
+    if cfg.smoke_test:
+        logger.warning("process.depth.weights=toy: %s", cfg.smoke_test)
+    storage.write_bytes("_run_config.yaml", to_yaml(cfg, note=cfg.smoke_test).encode())
     done = committed_shards(storage) & set(range(len(shards)))
     if retry_failed:
         for k in sorted(done & set(range(len(shards)))):
@@ -479,6 +486,7 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         "stage_clips_per_s": {k: round(totals["count"] / v, 2) for k, v in sorted(stage_seconds.items()) if v > 0},
         # Clips per stage and the device that ran the stage for them (cpu, cuda:0, ...).
         "stage_placement": {k: dict(sorted(v.items())) for k, v in sorted(placement.items())},
+        **({"smoke_test": cfg.smoke_test} if cfg.smoke_test else {}),
     }
     storage.write_bytes("manifest.json", json.dumps({"summary": summary, "shards": entries}, indent=2).encode())
     return summary
@@ -495,4 +503,6 @@ def format_summary(summary: dict) -> str:
               for stage, rate in summary.get("stage_clips_per_s", {}).items()]
     if summary["failed_shards"]:
         lines.append(f"  shards that did not commit (rerun to retry): {summary['failed_shards']}")
+    if summary.get("smoke_test"):
+        lines.append(f"  SMOKE TEST: {summary['smoke_test']}")
     return "\n".join(lines)

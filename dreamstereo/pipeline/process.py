@@ -59,7 +59,7 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
             relatives = oracle_relatives(str(video), None, probe, clips, cfg.depth)
         else:
             backend = load_backend(cfg.depth, cfg.device)
-            depth_weights = backend.weights
+            depth_weights = cfg.depth.weights if cfg.depth.smoke_test else backend.weights  # "toy", not a temp path
             relatives = [model_relative(backend, clip.frames) for clip in clips]
         for index, (clip, relative) in enumerate(zip(clips, relatives)):
             first_ok = not any(r.status is SampleStatus.OK for r in results)
@@ -71,8 +71,9 @@ def run_process(video: str | Path, out_dir: str | Path, cfg: ProcessConfig, *, e
         "clips": [{"key": r.key, "clip_index": r.clip_index, "status": r.status.label, "reason": r.reason,
                    "scores": r.scores} for r in results],
         "kept": sum(r.status is SampleStatus.OK for r in results), "seconds": round(time.perf_counter() - start, 3),
+        **({"smoke_test": cfg.depth.smoke_test} if cfg.depth.smoke_test else {}),
     }
-    _write_output(out_dir, results, echo, manifest=manifest, config=to_yaml(cfg))
+    _write_output(out_dir, results, echo, manifest=manifest, config=to_yaml(cfg, note=cfg.depth.smoke_test))
     return manifest
 
 

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 
+from dreamstereo import toy_models
 from dreamstereo.arrays import ArrayFile, ArrayFileError
 from dreamstereo.stages.weights import DepthWeightsError, load_pretrained  # noqa: F401 (DepthWeightsError: public here)
 from dreamstereo.types import DepthBackendName, ErrorCode, SampleError
@@ -45,7 +46,7 @@ class DepthConfig:
     """Which depth backend runs, and its weights."""
 
     backend: DepthBackendName = DepthBackendName.DEPTH_ANYTHING_V2
-    weights: str | None = None  # local folder or hub id; None = the backend's published default
+    weights: str | None = None  # local folder, hub id, or toy (random weights: a smoke test); None = the default
     input_size: int = 518  # px, short side fed to Depth Anything V2 (a multiple of its 14 px patch)
     batch_size: int = 8  # frames per forward pass
     base_weights: str = SVD_BASE_WEIGHTS  # DepthCrafter: folder or hub id with vae/, image_encoder/, scheduler/
@@ -74,6 +75,12 @@ class DepthConfig:
 
     def resolved_weights(self) -> str | None:
         return self.weights or DEFAULT_WEIGHTS.get(self.backend)
+
+    @property
+    def smoke_test(self) -> str | None:
+        """:data:`~dreamstereo.toy_models.SMOKE_TEST` when a model backend runs the toy (``weights=toy``)."""
+        model = self.backend in (DepthBackendName.DEPTH_ANYTHING_V2, DepthBackendName.DEPTHCRAFTER)
+        return toy_models.SMOKE_TEST if model and toy_models.is_toy(self.weights) else None
 
 
 def resize_maps(maps: np.ndarray, bucket: tuple[int, int]) -> np.ndarray:
@@ -241,14 +248,21 @@ class DepthAnythingV2:
 
 
 def load_backend(cfg: DepthConfig, device: str | torch.device = "cpu"):
-    """The model backend named by ``cfg`` (the oracle needs no model: see :func:`oracle_disparity`)."""
+    """The model backend named by ``cfg`` (the oracle needs no model: see :func:`oracle_disparity`);
+    ``weights=toy`` loads the built-in toy of the backend (and DepthCrafter's toy base)."""
+    toy = toy_models.is_toy(cfg.weights)
+    if cfg.smoke_test:
+        logger.warning("depth.weights=toy: %s", cfg.smoke_test)
     if cfg.backend is DepthBackendName.DEPTH_ANYTHING_V2:
-        return DepthAnythingV2(cfg.resolved_weights(), device=device, input_size=cfg.input_size,
+        weights = str(toy_models.toy_folder("depth-anything-v2")) if toy else cfg.resolved_weights()
+        return DepthAnythingV2(weights, device=device, input_size=cfg.input_size,
                                batch_size=cfg.batch_size)
     if cfg.backend is DepthBackendName.DEPTHCRAFTER:
         from dreamstereo.stages.depthcrafter import DepthCrafter  # local: diffusers takes seconds to import
 
-        return DepthCrafter(cfg.resolved_weights(), cfg.base_weights, device=device, steps=cfg.steps,
+        folder = toy_models.toy_folder("depthcrafter") if toy else None
+        unet, base = (str(folder / "unet"), str(folder / "svd")) if toy else (cfg.resolved_weights(), cfg.base_weights)
+        return DepthCrafter(unet, base, device=device, steps=cfg.steps,
                             window=cfg.window, overlap=cfg.overlap, max_resolution=cfg.max_resolution,
                             noise_aug_strength=cfg.noise_aug_strength, fp16=cfg.fp16, chunk=cfg.batch_size)
     raise ValueError(f"depth backend {cfg.backend.value!r} has no model to load")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dreamstereo import __version__
+from dreamstereo import __version__, toy_models
 from dreamstereo.io.storage import S3Config
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training import checkpoint as ckpt
@@ -35,6 +35,7 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
     with ckpt.fetched(checkpoint, s3) as folder:  # an s3:// checkpoint: a temporary copy, deleted after
         meta = ckpt.read_meta(folder, checkpoint)
         base = base or meta.get("base")
+        note = wan.smoke_test(base) or (toy_models.SMOKE_TEST if meta.get("smoke_test") else None)
         if not base:
             raise wan.WeightsError(f"checkpoint {checkpoint!r} records no base model: give --base, "
                                    f"{wan.DOWNLOAD_HINT}")
@@ -60,13 +61,16 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(out / "transformer")
-        vae_src = Path(base) / "vae"
+        vae_src = wan.model_folder(base) / "vae"
         if vae_src.is_dir():
             shutil.copytree(vae_src, out / "vae", dirs_exist_ok=True)
         shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, out / wan.PROMPT_EMBEDDING_FILE)
         wan.write_model_info(out, {"checkpoint": checkpoint, "step": meta.get("step"), "base": base,
                                    "lora_rank": adapter["r"], "lora_alpha": adapter["lora_alpha"],
                                    "in_channels": wan.INPAINT_IN_CHANNELS,
-                                   "dtype": str(dtype).removeprefix("torch."), "package_version": __version__})
+                                   "dtype": str(dtype).removeprefix("torch."), "package_version": __version__,
+                                   **({"smoke_test": note} if note else {})})
     logger.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
+    if note:
+        logger.warning("%s: %s", out, note)
     return out

@@ -337,10 +337,12 @@ def write_checkpoint(store: ckpt.CheckpointStore, step: int, transformer, optimi
         torch.save({"format": ckpt.STATE_FORMAT, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "step": step, "samples": samples, "rng": rng_states,
                     "data": data_state}, folder / ckpt.STATE_FILE)
-        (folder / ckpt.CONFIG_FILE).write_text(to_yaml(cfg))
+        note = wan.smoke_test(cfg.model.base)
+        (folder / ckpt.CONFIG_FILE).write_text(to_yaml(cfg, note=note))
         (folder / ckpt.META_FILE).write_text(json.dumps({
             "step": step, "samples": samples, "base": cfg.model.base, "in_channels": wan.INPAINT_IN_CHANNELS,
-            "lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "package_version": __version__}, indent=2))
+            "lora_rank": cfg.lora.rank, "lora_alpha": cfg.lora.alpha, "package_version": __version__,
+            **({"smoke_test": note} if note else {})}, indent=2))
         return store.save(step, folder)
 
 
@@ -486,7 +488,10 @@ def train(cfg: TrainConfig, *, rank: int = 0, world: int = 1,
         logger.warning("Stage 2 (data.stage=pairs) without model.init_from: the adapter starts from zero, "
                        "not from a Stage 1 checkpoint")
     if master:
-        (output_dir / "config.yaml").write_text(to_yaml(cfg))
+        note = wan.smoke_test(cfg.model.base)
+        if note:
+            logger.warning("model.base=%s: %s", cfg.model.base, note)
+        (output_dir / "config.yaml").write_text(to_yaml(cfg, note=note))
         logger.info("training %s on %d worker(s): %d trainable of %d parameters, prompt embedding from %s, "
                     "%d micro-step(s) of %d per step", cfg.data.stage.value, world, sum(p.numel() for p in params),
                     sum(p.numel() for p in transformer.parameters()), prompt_source, accumulation,

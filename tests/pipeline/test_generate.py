@@ -386,3 +386,24 @@ def test_pairs_on_the_depth_actor_give_the_same_shards_as_pairs_on_cpu_actors(ca
     assert stats["stage_placement"] == expected  # shard 0 holds both inputs (shard_size=2)
     assert all(json.loads(r["placement"]) == {"decode": "cpu", "depth": "cpu", "pair": "cpu", "write": "cpu"}
                for r in r_dep)
+
+
+def test_depth_weights_toy_runs_on_the_workers_and_every_output_says_it_is_a_smoke_test(capsys, ray_session, corpus,
+                                                                                      tmp_path):
+    from dreamstereo.toy_models import SMOKE_TEST
+
+    out = tmp_path / "toy"
+    code, captured = _run(capsys, "generate", "--input", str(corpus / "scene[0].mp4"), "--output", str(out), *SMALL,
+                          "process.depth.backend=depth-anything-v2", "process.depth.weights=toy",
+                          "process.depth.input_size=56", "process.quality.mask_ratio=[0.0,1.0]",
+                          "process.decode.max_clips=1")
+    assert code == 0, captured.err
+    manifest, samples, rows = _read_all(LocalStorage(out))
+    assert manifest["summary"]["smoke_test"] == SMOKE_TEST and manifest["summary"]["samples"] == 1
+    assert (out / "_run_config.yaml").read_text().startswith(f"# {SMOKE_TEST}")
+    assert json.loads(next(iter(samples.values()))["json"])["depth_weights"] == "toy"
+    assert [r["status"] for r in rows] == ["ok"]
+    # The oracle touches no model: the same run with it says nothing of the kind.
+    code, _ = _run(capsys, "generate", "--input", str(corpus / "scene[0].mp4"), "--output", str(tmp_path / "oracle"),
+                   *SMALL, "process.depth.weights=toy", "process.decode.max_clips=1")
+    assert code == 0 and "smoke_test" not in json.loads((tmp_path / "oracle" / "manifest.json").read_text())["summary"]
