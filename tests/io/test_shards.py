@@ -206,6 +206,9 @@ def test_an_output_of_kept_failed_and_empty_shards_reads_as_one_table(tmp_path):
     parquets = sorted(str(p) for p in (tmp_path / "out" / "shards").glob("*.parquet"))
     table = ds.dataset(parquets, format="parquet").to_table()
     assert table.num_rows == 4 and table.schema == PARQUET_SCHEMA
+    # the folder itself, its tars and stats files passed over
+    folder = ds.dataset(tmp_path / "out" / "shards", format="parquet", exclude_invalid_files=True).to_table()
+    assert folder.sort_by("key").equals(table.sort_by("key"))
     frame = pd.read_parquet(parquets)  # the files: the folder also holds the tars and stats (issue 13 decides)
     assert sorted(frame["status"]) == ["failed", "ok", "ok", "rejected"]
     assert frame.loc[frame["key"] == "c-0", "quality_disparity_finite"].item() is True
