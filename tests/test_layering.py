@@ -21,7 +21,7 @@ FLOORS = [
     {"dreamstereo.io"},  # storage, shards, sample format, media
     {"dreamstereo.pipeline", "dreamstereo.training", "dreamstereo.inference"},  # the three parts
     {"dreamstereo.cli", "dreamstereo.pbdp", "dreamstereo.demo", "dreamstereo.warp_eval", "dreamstereo.scenes",
-     "dreamstereo.toy_models"},  # commands and tools built on them
+     "dreamstereo.toy_models", "dreamstereo.report"},  # commands and tools built on them
 ]
 # Within the root floor, the order matters too: types imports nothing of ours, config only types.
 ROOT_ORDER = ["dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config"]
