@@ -166,7 +166,7 @@ class Scan:
     stats_clips: int = 0  # clips of the shards whose stats file was read
     finite: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # (finite, status)
     values: dict = dataclasses.field(default_factory=dict)  # score -> ValueSample
-    sources: list = dataclasses.field(default_factory=list)  # heap of (clips, source, counts)
+    sources: list = dataclasses.field(default_factory=list)  # min-heap of (clips, not kept, source, counts)
     source_entries: int = 0  # distinct sources per shard, summed (= distinct sources: a source is in one shard)
     problems: list = dataclasses.field(default_factory=list)
     problem_count: int = 0
@@ -221,21 +221,23 @@ def _read_parquet(storage, scan: Scan, cfg: ReportConfig, shard: int, mode: str)
         n = batch.num_rows
         status, reason = rows["status"], rows.get("reason") or [None] * n
         scores = _scores_of(batch, typed)
-        kept = np.array([s == SampleStatus.OK.value for s in status])
+        kept = np.array([s == SampleStatus.OK.value for s in status], dtype=bool)
         counts["clips"] += n
         counts.update(status)
         reasons.update(f"{s}:{r}" for s, r in zip(status, reason) if r)
         for source, s in zip(rows["source"], status):
-            entry = per_source.setdefault(source or "", [0, 0, 0, 0])
+            entry = per_source.setdefault(source or "", [0, 0, 0, 0])  # clips, ok, rejected, failed
             entry[0] += 1
-            entry[1 + STATUSES.index(s) if s in STATUSES else 0] += s in STATUSES
+            if s in STATUSES:
+                entry[1 + STATUSES.index(s)] += 1
         # quality values: scored rows only (failed ones have none); the mask ratio only where it was measured
         for name in SCORES:
             if (mode == "raw" and name in MASK_SCORES | DEPTH_SCORES) or name == "disparity_finite":
                 continue
             valid = ~np.isnan(scores[name])
             if name in MASK_SCORES:
-                valid &= np.array([s == SampleStatus.OK.value or r in MASK_REASONS for s, r in zip(status, reason)])
+                valid &= np.array([s == SampleStatus.OK.value or r in MASK_REASONS for s, r in zip(status, reason)],
+                                  dtype=bool)
             scan.values[name].add(scores[name][valid], kept[valid])
         if mode != "raw":
             for value, s in zip(scores["disparity_finite"], status):
@@ -246,8 +248,11 @@ def _read_parquet(storage, scan: Scan, cfg: ReportConfig, shard: int, mode: str)
             item = {name: rows[name][i] for name in rows}
             item.update(shard=shard, row=base + i, scores={k: float(v[i]) for k, v in scores.items()
                                                              if not np.isnan(v[i])})
+            unmeasured = MASK_SCORES | DEPTH_SCORES if mode == "raw" else set()
             if item["status"] != SampleStatus.OK.value and item.get("reason") not in MASK_REASONS:
-                item["scores"].pop("mask_ratio", None)  # a placeholder 0.0: rejected before the mask was made
+                unmeasured |= MASK_SCORES  # a placeholder 0.0: rejected before the mask was made
+            for name in unmeasured:
+                item["scores"].pop(name, None)
             return item
 
         ok_idx = np.flatnonzero(kept)
@@ -271,11 +276,14 @@ def _read_parquet(storage, scan: Scan, cfg: ReportConfig, shard: int, mode: str)
 
 def _read_stats(storage, scan: Scan, shard: int) -> None:
     stats = json.loads(storage.read_bytes(shard_name(shard, "stats.json")))
-    for stage, seconds in (stats.get("seconds_per_stage") or {}).items():
-        scan.stage_seconds[stage] += float(seconds)
-    for stage, devices in (stats.get("stage_placement") or {}).items():  # absent in shards before issue 12
+    clips = int(stats["count"])  # all of a stats file is checked before any of it is counted
+    seconds = {stage: float(value) for stage, value in (stats.get("seconds_per_stage") or {}).items()}
+    placement = {stage: {device: int(n) for device, n in devices.items()}  # absent in shards before issue 12
+                 for stage, devices in (stats.get("stage_placement") or {}).items()}
+    scan.stage_seconds.update(seconds)
+    for stage, devices in placement.items():
         scan.stage_clips[stage].update(devices)
-    scan.stats_clips += int(stats["count"])
+    scan.stats_clips += clips
 
 
 def scan_output(storage, manifest: dict, cfg: ReportConfig, mode: str) -> Scan:
@@ -449,15 +457,19 @@ def _histogram(name: str, sample: ValueSample, marks: list[tuple[float, str]], p
     hi = max([float(values.max())] + [m for m, _ in marks])
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.04 * (hi - lo)  # thresholds at the ends of the range stay inside the frame
+    ax.set_xlim(lo - pad, hi + pad)
     ax.hist([values[kept], values[~kept]], bins=40, range=(lo, hi), stacked=True, color=["#2b8a3e", "#c92a2a"],
             label=["kept", "rejected"])
     for value, label in marks:
         ax.axvline(value, color="#1c7ed6", linestyle="--", linewidth=1.2)
-        ax.annotate(label, xy=(value, 1.0), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
-                    ha="right", va="top", color="#1c7ed6")
+        right_half = value > (lo + hi) / 2  # the label goes on the side of the line that has room
+        ax.annotate(label, xy=(value, 0.98), xycoords=("data", "axes fraction"), xytext=(-2 if right_half else 2, 0),
+                    textcoords="offset points", rotation=90, fontsize=7, ha="right" if right_half else "left",
+                    va="top", color="#1c7ed6")
     ax.set_xlabel(name)
     ax.set_ylabel("clips")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="best")
     _save(fig, path)
 
 
@@ -540,6 +552,9 @@ def _summary_section(dst: str, summary: dict, scan: Scan, mode: str, quality_fro
         rows.append(f"<tr><td>{_e(label)}</td>{_count_cell(name, 'manifest', summary.get(keys[name], ''))}"
                     f"{_count_cell(name, 'parquet', scan.counts.get(name, 0))}</tr>")
     parts.append(_table(["", "manifest.json", "read from the shards' parquet"], rows))
+    if scan.legacy_shards:
+        parts.append(f"<p class=\"note\">{scan.legacy_shards} shard(s) have parquet schema version 1 (no typed "
+                     "quality columns): their scores were read from the JSON <code>scores</code> column.</p>")
     mismatch = [label for label, name in names if summary.get(keys[name]) != scan.counts.get(name, 0)]
     if mismatch:
         parts.append(f'<p class="warn" id="count-mismatch">The parquet files read do not give the manifest\'s '
@@ -623,7 +638,8 @@ def _sources_section(scan: Scan) -> str:
     note = (f"All {scan.source_entries} sources." if exact else
             f"The {len(top)} sources with the most clips (ties: the most not kept) of {scan.source_entries}.")
     return (f'<p class="note" data-sources-shown="{len(top)}" data-sources="{scan.source_entries}">{_e(note)} '
-            "Counts from the parquet files read.</p>" + _table(["source", "clips", "kept", "rejected", "failed"], rows))
+            "Counts from the parquet files read; a source is counted per shard that holds it (generate puts each "
+            "input in one shard).</p>" + _table(["source", "clips", "kept", "rejected", "failed"], rows))
 
 
 def _card(item: dict, quality: QualityConfig) -> str:
@@ -651,13 +667,15 @@ def _card(item: dict, quality: QualityConfig) -> str:
     return "".join(parts)
 
 
-def _gallery_section(kept: list[dict], other: list[dict], scan: Scan, quality: QualityConfig, seed: int) -> str:
+def _gallery_section(kept: list[dict], other: list[dict], scan: Scan, quality: QualityConfig, seed: int,
+                     mode: str) -> str:
     n_kept = scan.kept_sample.reservoir.seen
     n_other = scan.other_sample.reservoir.seen
+    tiles = ("the clean frame (raw mode: no depth, no pair)" if mode == "raw" else "the clean frame, its "
+             "disparity, view 2 with its holes (magenta), and the round trip with the training mask (magenta)")
     return (f'<h3>Kept</h3><p class="note" data-gallery="kept" data-shown="{len(kept)}" data-of="{n_kept}">'
-            f"{len(kept)} of {n_kept} kept samples, a seeded uniform sample (seed {seed}); frame 0 of each: the clean "
-            "frame, its disparity, view 2 with its holes (magenta), and the round trip with the training mask "
-            f'(magenta).</p><div class="cards">{"".join(_card(i, quality) for i in kept)}</div>'
+            f"{len(kept)} of {n_kept} kept samples, a seeded uniform sample (seed {seed}); frame 0 of each: {tiles}."
+            f'</p><div class="cards">{"".join(_card(i, quality) for i in kept)}</div>'
             f'<h3>Rejected or failed</h3><p class="note" data-gallery="other" data-shown="{len(other)}" '
             f'data-of="{n_other}">{len(other)} of {n_other} rejected or failed clips, a seeded uniform sample '
             f"(seed {seed}). They have no sample in the tar, so no images: the reason, the message and the scores, "
@@ -693,12 +711,10 @@ def open_output(dst: str, s3: S3Config):
     if "://" not in dst and not Path(dst).is_dir():
         raise ReportError(f"{dst!r} is not a folder: give a `dreamstereo generate` output (local or s3://)")
     storage = open_storage(dst, s3)
+    if not storage.exists("manifest.json"):  # (an unreachable endpoint or a denied read: its own StorageError)
+        raise ReportError(f"{dst!r} has no manifest.json: it is not a `dreamstereo generate` output")
     try:
         manifest = json.loads(storage.read_bytes("manifest.json"))
-    except StorageError as exc:
-        if "no such object" not in str(exc):
-            raise
-        raise ReportError(f"{dst!r} has no manifest.json: it is not a `dreamstereo generate` output") from None
     except ValueError as exc:
         raise ReportError(f"{dst!r}: manifest.json is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("summary"), dict):
@@ -727,7 +743,7 @@ def build_report(dst: str, out: str | Path, cfg: ReportConfig) -> Path:
         if mode != "raw":
             sections.append(("Disparity and holes", _distribution_section(kept, stage)))
         sections += [("Per source", _sources_section(scan)),
-                     ("Gallery", _gallery_section(kept, other, scan, quality, cfg.seed))]
+                     ("Gallery", _gallery_section(kept, other, scan, quality, cfg.seed, mode))]
         body = "".join(f"<h2>{_e(title)}</h2>{content}" for title, content in sections)
         now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

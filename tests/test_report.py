@@ -230,6 +230,9 @@ def test_an_s3_output_is_reported_without_its_secrets(output, tmp_path, capsys, 
     _assert_counts_equal_the_manifest(page, summary)
     assert sum(p.name.startswith("kept-") for p in (index.parent / "img").iterdir()) == 16
     assert all(S3_SECRET not in p.read_bytes().decode("latin-1") for p in index.parent.rglob("*") if p.is_file())
+    code = main(["report", f"s3://{s3_bucket}/nothing", "--out", str(tmp_path / "none"), f"s3.endpoint_url={s3_env}"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"s3://{s3_bucket}/nothing" in err and "no manifest.json" in err, err
 
 
 def test_a_folder_that_is_no_generate_output_is_one_line_naming_it(tmp_path, capsys):
