@@ -647,8 +647,9 @@ def _card(item: dict, quality: QualityConfig) -> str:
              f"<div><b>{_e(item['key'])}</b> ({_e(item['status'])}"
              + (f": {_e(item.get('reason'))}" if item.get("reason") else "") + ")</div>",
              f"<div>source <code>{_e(item.get('source'))}</code>, shard {item['shard']:06d} row {item['row']}</div>"]
-    if item.get("message"):
-        parts.append(f"<div>message: <code>{_e(item['message'])}</code></div>")
+    if item.get("message"):  # (cut: a message from the data may be any length; the parquet holds it whole)
+        message = item["message"] if len(item["message"]) <= 2000 else item["message"][:2000] + " [...]"
+        parts.append(f"<div>message: <code>{_e(message)}</code></div>")
     if item.get("images"):
         tiles = "".join(f'<figure><img src="{_IMG}/{_e(name)}" alt="{_e(caption)}"><figcaption>{_e(caption)}'
                         f"</figcaption></figure>" for caption, name in item["images"])
