@@ -70,26 +70,45 @@ class ArrayFile:
 
     def read(self, max_bytes: int) -> np.ndarray:
         """The whole array (native byte order), refusing more than ``max_bytes`` of data before reading any."""
+        buffer = self._read_bytes(self.nbytes, max_bytes, whole=True)
+        order = "F" if self.fortran_order else "C"
+        array = buffer.view(self.dtype).reshape(self.shape, order=order)
+        return array if self.dtype.isnative else array.astype(self.dtype.newbyteorder("="))
+
+    def read_first(self, max_bytes: int) -> np.ndarray:
+        """The first entry along axis 0 (e.g. frame 0 of a ``(T, H, W)`` clip), reading only its bytes; the whole
+        array when it is stored in Fortran order (then the first entry is not contiguous). Same checks as
+        :meth:`read` for the bytes it reads."""
+        if self.fortran_order or not self.shape:
+            return self.read(max_bytes)[0] if self.shape else self.read(max_bytes)
+        shape = self.shape[1:]
+        buffer = self._read_bytes(math.prod(shape) * self.dtype.itemsize if self.shape[0] else 0, max_bytes,
+                                  whole=False)
+        if not self.shape[0]:
+            raise ArrayFileError(f"holds no entry along its first axis ({self.shape})")
+        array = buffer.view(self.dtype).reshape(shape)
+        return array if self.dtype.isnative else array.astype(self.dtype.newbyteorder("="))
+
+    def _read_bytes(self, nbytes: int, max_bytes: int, *, whole: bool) -> np.ndarray:
+        """The first ``nbytes`` data bytes as ``uint8``; with ``whole``, also check that nothing follows."""
         try:
-            if self.nbytes > max_bytes:
-                raise ArrayFileError(f"declares {self.shape} {self.dtype} = {self.nbytes / 2**20:.0f} MiB, more "
+            if nbytes > max_bytes:
+                raise ArrayFileError(f"declares {self.shape} {self.dtype} = {nbytes / 2**20:.0f} MiB, more "
                                      f"than the limit of {max_bytes / 2**20:.0f} MiB")
-            buffer = np.empty(self.nbytes, np.uint8)
+            buffer = np.empty(nbytes, np.uint8)
             view, done = memoryview(buffer), 0
-            while done < self.nbytes:
+            while done < nbytes:
                 got = self._stream.readinto(view[done:done + _PIECE])
                 if not got:
-                    raise ArrayFileError(f"truncated: {done} of {self.nbytes} data bytes for {self.shape} {self.dtype}")
+                    raise ArrayFileError(f"truncated: {done} of {nbytes} data bytes for {self.shape} {self.dtype}")
                 done += got
-            if self._zip is not None and self._stream.read(1):  # reading to the end also checks the CRC
+            if whole and self._zip is not None and self._stream.read(1):  # reading to the end also checks the CRC
                 raise ArrayFileError(f"holds more data than its header's {self.shape} {self.dtype}")
         except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
             raise ArrayFileError(f"damaged archive ({type(exc).__name__}: {exc})") from None
         finally:
             self.close()
-        order = "F" if self.fortran_order else "C"
-        array = buffer.view(self.dtype).reshape(self.shape, order=order)
-        return array if self.dtype.isnative else array.astype(self.dtype.newbyteorder("="))
+        return buffer
 
     def close(self) -> None:
         if self._zip is not None:

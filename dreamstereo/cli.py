@@ -34,6 +34,7 @@ SCHEMAS = {
     "train": "dreamstereo.training.config:TrainConfig",
     "evaluate": "dreamstereo.inference.evaluate:EvaluateConfig",
     "demo": "dreamstereo.demo:DemoConfig",
+    "report": "dreamstereo.report:ReportConfig",
 }
 DEPTH_CHOICES = [name.value for name in DepthBackendName]
 
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model folder (`dreamstereo export` output, or toy: random weights, a smoke test)")
     p.add_argument("--shards", required=True, help="a generate output (local or s3://), a brace pattern or a .tar")
     p.add_argument("--json", metavar="OUT", help="write the report here, plus OUT.md (table) and OUT.png (contact sheet)")
+    _add_config_args(p)
+
+    p = sub.add_parser("report", help="an HTML report of a generate output: counts, score histograms, gallery")
+    p.add_argument("dst", metavar="DST", help="a `dreamstereo generate` output (local folder or s3://bucket/prefix)")
+    p.add_argument("--out", required=True, help="folder for index.html and its images (img/)")
     _add_config_args(p)
 
     p = sub.add_parser("demo", help="the whole mission on built-in scenes and toy models: data, training, a stereo "
@@ -234,6 +240,15 @@ def _cmd_warp_eval(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from dreamstereo.report import build_report
+
+    cfg = _load("report", args)
+    _check_output_folder(args.out)
+    print(build_report(args.dst, args.out, cfg))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from dreamstereo.demo import run_demo
 
@@ -309,7 +324,8 @@ def _cmd_evaluate(args) -> int:
 
 
 _COMMANDS = {"pbdp": _cmd_pbdp, "process": _cmd_process, "generate": _cmd_generate, "warp-eval": _cmd_warp_eval,
-             "convert": _cmd_convert, "evaluate": _cmd_evaluate, "train": _cmd_train, "export": _cmd_export, "demo": _cmd_demo}
+             "convert": _cmd_convert, "evaluate": _cmd_evaluate, "train": _cmd_train, "export": _cmd_export, "demo": _cmd_demo,
+             "report": _cmd_report}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,8 +21,8 @@ FLOORS = [
     {"dreamstereo.stages", "dreamstereo.models"},  # pure functions over arrays, model definitions
     {"dreamstereo.io"},  # storage, shards, sample format, media
     {"dreamstereo.pipeline", "dreamstereo.training", "dreamstereo.inference"},  # the three parts
-    {"dreamstereo.cli", "dreamstereo.pbdp", "dreamstereo.demo", "dreamstereo.warp_eval",
-     "dreamstereo.scenes"},  # commands and tools built on them
+    {"dreamstereo.cli", "dreamstereo.pbdp", "dreamstereo.demo", "dreamstereo.warp_eval", "dreamstereo.scenes",
+     "dreamstereo.report"},  # commands and tools built on them
 ]
 # Within the root floor, the order matters too: types imports nothing of ours, config and toy_models only types.
 ROOT_ORDER = ["dreamstereo", "dreamstereo.types", "dreamstereo.arrays", "dreamstereo.config", "dreamstereo.toy_models"]

@@ -498,6 +498,17 @@ def decode_video_bytes(data: bytes) -> np.ndarray:
         raise MediaError(f"in-memory video: cannot decode ({type(exc).__name__}: {exc})") from None
 
 
+def decode_first_frame_bytes(data: bytes) -> np.ndarray:
+    """The first frame of an in-memory video as ``(H, W, 3) uint8`` (only that frame is decoded)."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            for frame in container.decode(video=0):
+                return frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, ValueError, IndexError) as exc:
+        raise MediaError(f"in-memory video: cannot decode ({type(exc).__name__}: {exc})") from None
+    raise MediaError("in-memory video: no frame decodes")
+
+
 def has_audio(path: str | Path) -> bool:
     """Whether a media file has an audio stream."""
     try:
