@@ -24,6 +24,7 @@ from dreamstereo.io import media, preview
 from dreamstereo.io.sample import read_sample
 from dreamstereo.pbdp import PbdpConfig, run_pbdp
 from dreamstereo.pipeline.job import GenerateConfig, GenerateMode, run_generate
+from dreamstereo.report import ReportConfig, build_report
 from dreamstereo.scenes import demo_scene, write_scene
 from dreamstereo.stages import metrics
 from dreamstereo.stages.warp import WarpConfig, training_direction
@@ -71,15 +72,16 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
     1. ``videos/``: ``cfg.num_videos`` synthetic scenes (mp4 + disparity sidecar) and one corrupt file;
     2. ``pbdp/``: a double projection of the first scene, scored against its analytic mask;
     3. ``pairs/``: ``dreamstereo generate`` (PBDP pairs) with the oracle backend on a local Ray (WebDataset
-       shards, parquet, stats, ``manifest.json``), and ``sample-preview.png`` from a sample read back;
+       shards, parquet, stats, ``manifest.json``, ``previews/`` of rejected clips), and ``sample-preview.png`` from
+       a sample read back;
     4. with ``only=all`` (the default):
        ``raw/``: ``generate mode=raw`` of the same videos; ``train/stage1``: Stage 1 (random masks on the raw
        clips) of the toy Wan (``model.base=toy``); ``train/stage2``: Stage 2 (the pairs, the last shard held out
        for validation) from Stage 1's checkpoint; ``model/``: ``dreamstereo export`` of Stage 2;
        ``stereo.mp4``: ``dreamstereo convert`` of the first scene with that model (the SASI path);
        ``eval/eval.json`` (``.md``, ``.png``): ``dreamstereo evaluate`` on the held-out shard;
-       ``report/index.html``: ``dreamstereo report`` of ``pairs/``;
-       with ``only=data``: ``stereo.mp4`` with OpenCV filling the holes, and no training.
+       with ``only=data``: ``stereo.mp4`` with OpenCV filling the holes, and no training;
+    5. ``report/index.html``: ``dreamstereo report`` of ``pairs/``.
 
     Training pairs round-trip through the view opposite to ``cfg.synthesized_eye``. Returns a summary (also
     ``manifest.json``); ``result["open"]`` lists what to look at.
@@ -110,6 +112,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
             ("round trip V1'", first.warped[0]), ("mask M1", preview.overlay_mask(first.clean[0], first.mask[0]))]))
     result = {"command": "demo", "version": __version__, "config_hash": config_hash(cfg), "only": cfg.only.value,
               "direction": direction.value, "mask1_iou_vs_analytic": iou, "pbdp": manifest, "generate": summary}
+    result["report"] = str(build_report(str(out_dir / "pairs"), out_dir / "report", ReportConfig()))
+    echo(f"report: {result['report']}")
     convert_cfg = ConvertConfig(warp=cfg.warp, max_disparity=0.05)
     convert_cfg.depth.backend = DepthBackendName.ORACLE
     inpainter = None

@@ -33,7 +33,15 @@ import numpy as np
 from dreamstereo import __version__
 from dreamstereo.arrays import ArrayFile
 from dreamstereo.io import media, preview
-from dreamstereo.io.shards import QUALITY_COLUMNS, STATUSES, iter_raw_samples, sample_members, shard_name
+from dreamstereo.io.shards import (
+    PREVIEW_MEMBER,
+    QUALITY_COLUMNS,
+    STATUSES,
+    iter_raw_samples,
+    preview_name,
+    sample_members,
+    shard_name,
+)
 from dreamstereo.io.storage import S3Config, StorageError, open_storage
 from dreamstereo.stages.quality import QualityConfig
 from dreamstereo.types import RejectReason, SampleStatus, UserError
@@ -49,6 +57,7 @@ MASK_REASONS = {RejectReason.MASK_RATIO_LOW.value, RejectReason.MASK_RATIO_HIGH.
 _COLUMNS = ["key", "source", "status", "reason", "message", "scores"]
 _IMG = "img"  # DIR/img/: the report's images, linked relatively from DIR/index.html
 _MAX_FRAME_BYTES = 256 * 2**20  # one frame of a sample's mask or disparity, refused beyond (a hostile member)
+_MAX_PREVIEW_BYTES = 16 * 2**20  # a rejected clip's contact sheet (a JPEG of a few dozen KB when generate wrote it)
 _MAX_MEMBER_BYTES = 2 * 2**30  # a sample's video member, refused beyond (it is held in memory to decode)
 
 
@@ -397,6 +406,38 @@ def _fill_gallery(storage_uri: str, items: list[dict], cfg: ReportConfig, folder
             item["error"] = "not found in its shard's tar"
 
 
+def _fill_previews(storage, storage_uri: str, items: list[dict], cfg: ReportConfig, folder: Path, scan: Scan,
+                   prefix: str) -> None:
+    """Add the contact sheet ``generate`` kept of each sampled rejected clip (``previews/<shard>.tar``, absent for
+    outputs of earlier versions or ``rejected_previews=false``); each sheet is decoded and written anew, so a
+    damaged one is a note on its card and never a broken image on the page."""
+    by_shard = collections.defaultdict(list)
+    for n, item in enumerate(items):
+        item["stem"] = f"{prefix}-{n:02d}"
+        if item["status"] == SampleStatus.REJECTED.value:
+            by_shard[item["shard"]].append(item)
+    for shard, wanted in sorted(by_shard.items()):
+        todo = {item["key"]: item for item in wanted}
+        name = preview_name(shard)
+        try:
+            if not storage.exists(name):
+                continue
+            for raw in iter_raw_samples(f"{storage_uri.rstrip('/')}/{name}", cfg.s3):
+                item = todo.pop(raw.get("__key__"), None)
+                data = sample_members(raw).get(PREVIEW_MEMBER) if item is not None else None
+                if data is not None:
+                    image = preview.decode_image(data) if len(data) <= _MAX_PREVIEW_BYTES else None
+                    if image is None:
+                        item["error"] = "its preview does not decode"
+                    else:
+                        media.write_image(folder / f"{item['stem']}-preview.jpg", image)
+                        item["images"] = [("first frame, as far as it got", f"{item['stem']}-preview.jpg")]
+                if not todo:
+                    break
+        except _READ_ERRORS as exc:
+            _problem(scan, cfg, shard, name, exc)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Plots (matplotlib, Agg: no display, no global pyplot state)
 
@@ -519,6 +560,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}.warn{color:#c92a2a;font
 figure{margin:0}figcaption{font-size:.8em;color:#495057;max-width:460px}
 .cards{display:flex;flex-wrap:wrap;gap:.8em}.card{border:1px solid #ced4da;border-radius:4px;padding:.5em;
 max-width:560px;font-size:.85em;overflow-wrap:anywhere}.card img{width:128px;image-rendering:pixelated}
+.card img[src$="-preview.jpg"]{width:300px;image-rendering:auto}
 .tiles{display:flex;gap:.3em;flex-wrap:wrap}.tiles figcaption{max-width:128px}code{font-size:.9em}
 """
 
@@ -542,6 +584,8 @@ def _summary_section(dst: str, summary: dict, scan: Scan, mode: str, quality_fro
              f"{_e(summary.get('version', '?'))}, parquet schema version "
              f"{_e(summary.get('parquet_schema_version', 1))}; wall time of the run "
              f"{_e(summary.get('wall_seconds', '?'))} s. Quality thresholds: {_e(quality_from)}.</p>"]
+    if summary.get("smoke_test"):
+        parts.append(f'<p class="warn" id="smoke-test">SMOKE TEST: {_e(summary["smoke_test"])}</p>')
     shards = f"{summary.get('committed_shards', '?')} of {summary.get('shards', '?')}"
     rows = [f"<tr><td>inputs</td>{_count_cell('inputs', 'manifest', summary.get('inputs', ''))}<td></td></tr>",
             f"<tr><td>shards committed</td>{_count_cell('committed_shards', 'manifest', shards)}"
@@ -679,8 +723,10 @@ def _gallery_section(kept: list[dict], other: list[dict], scan: Scan, quality: Q
             f'</p><div class="cards">{"".join(_card(i, quality) for i in kept)}</div>'
             f'<h3>Rejected or failed</h3><p class="note" data-gallery="other" data-shown="{len(other)}" '
             f'data-of="{n_other}">{len(other)} of {n_other} rejected or failed clips, a seeded uniform sample '
-            f"(seed {seed}). They have no sample in the tar, so no images: the reason, the message and the scores, "
-            "with the thresholds they fall beyond.</p>"
+            f"(seed {seed}). They have no sample in the tar: a rejected clip shows the contact sheet of its first "
+            "frame that <code>generate</code> keeps in <code>previews/&lt;shard&gt;.tar</code>, as far as the clip "
+            "got (the frame, its disparity, the round trip, the mask); every card gives the reason, the message and "
+            "the scores, with the thresholds they fall beyond.</p>"
             f'<div class="cards">{"".join(_card(i, quality) for i in other)}</div>')
 
 
@@ -735,6 +781,7 @@ def build_report(dst: str, out: str | Path, cfg: ReportConfig) -> Path:
     with media.staged_folder(out, last=("index.html",)) as stage:
         (stage / _IMG).mkdir()
         _fill_gallery(dst, kept, cfg, stage / _IMG, scan, "kept")
+        _fill_previews(storage, dst, other, cfg, stage / _IMG, scan, "other")
         sections = [
             ("Run summary", _summary_section(dst, summary, scan, mode, quality_from)),
             ("Throughput per stage", _throughput_section(scan)),

@@ -195,8 +195,9 @@ def test_demo_only_data_runs_the_data_side_end_to_end(capsys, tmp_path, ray_sess
     assert frames.shape[1:] == (96, 320, 3) and (out / "stereo.preview.png").is_file()
     assert result["convert"]["inpainting"] == "opencv-telea"
     assert not (out / "train").exists() and not (out / "raw").exists() and "smoke_test" not in result
-    listed = [line.split()[0] for line in stdout.splitlines()[1:] if line.startswith("  /")]
-    assert str(out / "stereo.mp4") in listed and all(Path(path).exists() for path in listed)
+    listed = [line.split()[0] for line in stdout.splitlines() if line.startswith("  /")]
+    assert listed[0] == str(out / "report" / "index.html") and str(out / "stereo.mp4") in listed
+    assert all(Path(path).exists() for path in listed)
 
 
 @pytest.mark.slow
@@ -230,8 +231,9 @@ def test_demo_runs_the_whole_mission_on_the_toy_models(capsys, tmp_path, ray_ses
     assert report["samples"] == pairs["shards"][-1]["num_samples"] == 1 and report["smoke_test"] == note
     assert {row["method"] for row in report["table"]} == {"sparse", "dense", "opencv"}
     assert (out / "eval" / "eval.md").read_text().startswith("SMOKE TEST")
-    listed = [line.split()[0] for line in stdout.splitlines()[1:] if line.startswith("  /")]
+    listed = [line.split()[0] for line in stdout.splitlines() if line.startswith("  /")]
     assert str(out / "eval" / "eval.md") in listed and all(Path(path).exists() for path in listed)
+    assert listed[0] == str(out / "report" / "index.html")
 
 
 def test_console_script_is_installed():

@@ -122,6 +122,8 @@ def test_the_page_counts_what_the_manifest_counts_and_every_image_decodes(output
     for score in QUALITY_COLUMNS:
         assert f"hist-{score[len('quality_'):]}.png" in files
     assert sum(name.startswith("kept-") for name in files) == 4 * 4
+    # the rejected clips show the contact sheet generate kept of them (previews/<shard>.tar); the failed one none
+    assert summary["previews"] == 2 and sum(name.endswith("-preview.jpg") for name in files) == 2
     cards = [a for tag, a in page.attrs if "data-status" in a]
     assert sorted(a["data-status"] for a in cards) == ["failed"] + ["ok"] * 4 + ["rejected"] * 2
     assert "beyond the thresholds: motion" in text and "decode_failed" in text

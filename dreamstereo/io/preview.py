@@ -38,3 +38,21 @@ def contact_sheet(tiles: list[tuple[str, np.ndarray]], columns: int = 2) -> np.n
         cv2.putText(sheet, label, (x + 4, y + int(18 * scale) + 2), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * scale,
                     (255, 255, 255), max(1, int(scale * 1.5)), cv2.LINE_AA)
     return sheet
+
+
+def encode_jpeg(image: np.ndarray, max_width: int = 640, quality: int = 85) -> bytes:
+    """``(H, W, 3)`` uint8 RGB as JPEG bytes, scaled down to at most ``max_width`` pixels wide."""
+    image = to_uint8(image)
+    if image.shape[1] > max_width:
+        height = max(1, round(image.shape[0] * max_width / image.shape[1]))
+        image = cv2.resize(image, (max_width, height), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise ValueError(f"could not encode a {image.shape} image as JPEG")
+    return data.tobytes()
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """``(H, W, 3)`` uint8 RGB of encoded image bytes (JPEG, PNG), or None when they do not decode."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
 STAGING_DIR = "_staging"
+# Rejected clips' contact sheets (first frame: frame, disparity, round trip, mask, as far as the clip got), one
+# tar per shard beside the shards, never in them: ``previews/000012.tar`` holds ``<key>.preview.jpg``.
+PREVIEW_DIR = "previews"
+PREVIEW_MEMBER = "preview.jpg"
 # The parquet of every shard has this one typed schema, whatever its clips did (all kept, all failed, none),
 # so a whole output reads as one table (pyarrow.dataset, pandas.read_parquet(DST/shards), DuckDB). Version 1
 # (before) inferred the types per shard: a shard without failures had null-typed reason/message columns.
@@ -70,6 +74,11 @@ def shard_name(shard_id: int, suffix: str) -> str:
     return f"{SHARD_DIR}/{shard_id:06d}{sep}{suffix}"
 
 
+def preview_name(shard_id: int) -> str:
+    """``previews/000012.tar``: the contact sheets of shard 12's rejected clips."""
+    return f"{PREVIEW_DIR}/{shard_id:06d}.tar"
+
+
 def committed_shards(storage) -> set[int]:
     """Ids of shards whose stats file (the commit marker) exists."""
     done = set()
@@ -91,10 +100,11 @@ def git_sha() -> str | None:
 
 
 class ShardWriter:
-    """Collect one shard's samples and records, then commit tar -> parquet -> stats.
+    """Collect one shard's samples and records, then commit tar -> parquet -> previews -> stats.
 
     Records are plain dicts with at least ``key``, ``source``, ``status`` (ok | rejected | failed) and
-    ``reason``; kept samples also pass their WebDataset members.
+    ``reason``; kept samples also pass their WebDataset members, rejected ones may pass ``{PREVIEW_MEMBER: jpeg}``
+    (written to ``previews/<shard>.tar``).
     """
 
     def __init__(self, storage, shard_id: int, *, config_hash: str = ""):
@@ -102,15 +112,25 @@ class ShardWriter:
         self._dir = tempfile.TemporaryDirectory(prefix=f"shard-{shard_id:06d}-")
         self._tar_path = Path(self._dir.name) / "shard.tar"
         self._tar = None
+        self._previews = None
         self.records: list[dict] = []
         self.started = _dt.datetime.now(_dt.timezone.utc)
-        self.samples = 0
+        self.samples = self.previews = 0
 
     def add(self, record: dict, members: dict[str, bytes] | None = None) -> None:
-        """Record one input clip (or input); write its members to the tar when it was kept."""
+        """Record one input clip (or input); write its members to the tar when it was kept, its preview to the
+        previews tar when it was rejected with one."""
         if record.get("status") not in STATUSES:
             raise ValueError(f"record status must be one of {STATUSES}, got {record.get('status')!r}")
-        if members is not None:
+        if members is not None and record["status"] != SampleStatus.OK.value:
+            if set(members) != {PREVIEW_MEMBER}:
+                raise ValueError(f"{record['key']}: a {record['status']} clip has no sample, only a {PREVIEW_MEMBER} "
+                                 f"(got {sorted(members)})")
+            if self._previews is None:
+                self._previews = wds.TarWriter(str(Path(self._dir.name) / "previews.tar"), mtime=0)
+            self._previews.write({"__key__": record["key"], **members})
+            self.previews += 1
+        elif members is not None:
             if self._tar is None:
                 self._tar = wds.TarWriter(str(self._tar_path), mtime=0)  # no wall clock: same samples, same bytes
             self._tar.write({"__key__": record["key"], **members})
@@ -139,6 +159,11 @@ class ShardWriter:
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist([parquet_row(r) for r in self.records], schema=PARQUET_SCHEMA), buffer)
         self.storage.write_bytes(shard_name(self.shard_id, "parquet"), buffer.getvalue())
+        if self._previews is not None:
+            self._previews.close()
+            self.storage.upload_file(preview_name(self.shard_id), Path(self._dir.name) / "previews.tar")
+        else:  # none this time: one of an earlier commit of this shard (a retry) must not stay
+            self.storage.delete(preview_name(self.shard_id))
         counts = collections.Counter(r["status"] for r in self.records)
         reasons = collections.Counter(f"{r['status']}:{r['reason']}" for r in self.records if r.get("reason"))
         placement: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
@@ -153,6 +178,7 @@ class ShardWriter:
             "reasons": dict(sorted(reasons.items())),
             "tar_bytes": tar_bytes,
             "tar_sha256": sha,
+            "previews": self.previews,  # rejected clips with a contact sheet in previews/<shard>.tar
             "seconds_per_stage": timings or {},
             "stage_placement": {k: dict(sorted(v.items())) for k, v in sorted(placement.items())},  # clips
             "start": self.started.isoformat(),
@@ -179,13 +205,13 @@ def parquet_row(record: dict) -> dict:
 
 
 def _discard_uncommitted(storage, shard_id: int) -> None:
-    """Delete the tar and parquet of a shard whose commit failed (no stats file: a rerun redoes it), so no
-    half-written shard stays and a full disk gets its space back; the staged samples stay for the rerun."""
-    for suffix in ("tar", "parquet"):
+    """Delete the tar, parquet and previews of a shard whose commit failed (no stats file: a rerun redoes it), so
+    no half-written shard stays and a full disk gets its space back; the staged samples stay for the rerun."""
+    for name in (shard_name(shard_id, "tar"), shard_name(shard_id, "parquet"), preview_name(shard_id)):
         try:
-            storage.delete(shard_name(shard_id, suffix))
+            storage.delete(name)
         except (StorageError, OSError) as exc:  # the commit's own error is the one to report
-            logger.warning("shard %06d: could not remove its uncommitted %s: %s", shard_id, suffix, exc)
+            logger.warning("shard %06d: could not remove its uncommitted %s: %s", shard_id, name, exc)
 
 
 def staging_name(shard_id: int, key: str) -> str:

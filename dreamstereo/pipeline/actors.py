@@ -30,8 +30,9 @@ import time
 
 import numpy as np
 
+from dreamstereo.io import preview
 from dreamstereo.io.sample import make_key
-from dreamstereo.io.shards import stage_sample
+from dreamstereo.io.shards import PREVIEW_MEMBER, stage_sample
 from dreamstereo.io.storage import StorageError, open_storage
 from dreamstereo.pipeline.clip import ClipResult, model_relative, oracle_relatives, pair_clip, raw_clip, read_input
 from dreamstereo.stages.decode import Clip, VideoProbe
@@ -223,8 +224,8 @@ class PairActor(Recycled):
     projection runs on ``device`` (the CPU, unless a :class:`DepthPairActor` passes its own)."""
 
     def __init__(self, cfg, depth_weights: str | None = None, raw: bool = False, recycle_after: int = 0,
-                 device: str = "cpu"):
-        self.cfg, self.depth_weights, self.raw = cfg, depth_weights, raw
+                 device: str = "cpu", preview_rejected: bool = False):
+        self.cfg, self.depth_weights, self.raw, self.preview_rejected = cfg, depth_weights, raw, preview_rejected
         self.recycle_after = recycle_after
         self.pair_device, self.device = device, device_name(device)
 
@@ -248,13 +249,16 @@ class PairActor(Recycled):
                 clip = Clip(unpack(row["frames"]), tuple(meta["indices"]), meta["fps"], tuple(meta["bucket"]))
                 probe = VideoProbe(**meta["probe"])
                 if self.raw:
-                    result = raw_clip(clip, index, uri, probe, self.cfg)
+                    result = raw_clip(clip, index, uri, probe, self.cfg, preview_rejected=self.preview_rejected)
                 else:
                     result = pair_clip(clip, index, uri, probe, unpack(row["relative"]), self.cfg,
-                                       self.depth_weights, device=self.pair_device)
+                                       self.depth_weights, preview_rejected=self.preview_rejected,
+                                       device=self.pair_device)
                 record.update(status=result.status.value, reason=result.reason, message=None, scores=result.scores,
                               frames=len(clip.indices))
                 members = result.members
+                if result.status is SampleStatus.REJECTED and result.preview is not None:
+                    members = {PREVIEW_MEMBER: preview.encode_jpeg(result.preview)}  # -> previews/, not the shard
                 timings["pair"] = time.perf_counter() - start
                 placement["pair"] = self.device
             record["placement"] = placement
@@ -270,9 +274,11 @@ class DepthPairActor(DepthActor, PairActor):
     depth``): the clip's disparity stays in this process, and the projection runs where depth ran. Same
     rows in and out as ``DepthActor`` followed by ``PairActor``, so the same samples."""
 
-    def __init__(self, cfg, device: str = "cpu", depth_weights: str | None = None, recycle_after: int = 0):
+    def __init__(self, cfg, device: str = "cpu", depth_weights: str | None = None, recycle_after: int = 0,
+                 preview_rejected: bool = False):
         DepthActor.__init__(self, cfg, device, recycle_after)
-        PairActor.__init__(self, cfg, depth_weights, raw=False, recycle_after=recycle_after, device=device)
+        PairActor.__init__(self, cfg, depth_weights, raw=False, recycle_after=recycle_after, device=device,
+                           preview_rejected=preview_rejected)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self._count_batch()

@@ -56,7 +56,7 @@ class ClipResult:
     scores: dict  # quality scores (for an error: {"message": ...})
     message: str | None = None  # an error's message
     members: dict[str, bytes] | None = None  # the sample, when ok
-    preview: np.ndarray | None = None  # a contact sheet, when asked for and ok
+    preview: np.ndarray | None = None  # a contact sheet, when asked for: of the sample (ok) or of why (rejected)
 
     @classmethod
     def from_error(cls, source: str, clip_index: int, exc: SampleError) -> "ClipResult":
@@ -111,10 +111,12 @@ def model_relative(backend, frames: np.ndarray) -> np.ndarray | SampleError:
 
 def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relative: np.ndarray | SampleError,
               cfg: ClipConfig, depth_weights: str | None, *, make_preview: bool = False,
-              device: str = "cpu") -> ClipResult:
+              preview_rejected: bool = False, device: str = "cpu") -> ClipResult:
     """Disparity -> PBDP pair -> verdict -> members for one decoded clip with its relative disparity (or the
-    depth stage's error), plus a contact sheet when ``make_preview``. The projection runs on ``device`` (the
-    caller's choice: ``resources.pair_placement``); everything else on the host."""
+    depth stage's error), plus a contact sheet of its first frame when ``make_preview`` and it is kept, or
+    ``preview_rejected`` and it is rejected (as far as it got: frame and disparity, or the whole pair). The
+    projection runs on ``device`` (the caller's choice: ``resources.pair_placement``); everything else on the
+    host."""
     if isinstance(relative, SampleError):
         return ClipResult.from_error(source, clip_index, relative)
     key = make_key(source, clip_index)
@@ -123,11 +125,12 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
     pre = score_quality(frames, relative, None)
     verdict = decide(pre, cfg.quality, check_mask=False)
     if not verdict.keep:
-        return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(pre))
+        return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(pre),
+                          preview=_sheet(frames[0], relative[0]) if preview_rejected else None)
     max_disparity = sample_max_disparity(key, cfg.disparity)
     bounds = disparity_bounds(relative)
     plan = plan_pair(key, cfg.pairs)
-    holes, sheet, first = 0, None, None
+    holes, first = 0, None
     # Frame chunk by frame chunk (issue 12): disparity in pixels, PBDP and the encoders see CHUNK_FRAMES frames
     # at a time, so what grows with the clip is only its decoded frames, its relative disparity and the
     # compressed members. Every step is per frame, so the arrays are those of the whole clip at once.
@@ -139,7 +142,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
             part = pair_frames(frames[start:stop], disparity_px, plan, cfg.pairs, device=device)
             holes += int(np.count_nonzero(part.mask))
             encoder.add(part.clean, part.warped, part.mask, part.disparity)
-            if make_preview and start == 0:  # the first frame's arrays, for a sheet drawn once the sample is made
+            if (make_preview or preview_rejected) and start == 0:  # the first frame's arrays, for a sheet
                 first = [part.clean[0].copy(), part.disparity[0].copy(), part.warped[0].copy(), part.mask[0].copy()]
             del part, disparity_px
         # = score_quality(frames, relative, mask) of the whole mask: the other scores do not depend on it, and
@@ -148,7 +151,7 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
         verdict = decide(scores, cfg.quality)
         if not verdict.keep:
             return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value,
-                              dataclasses.asdict(scores))
+                              dataclasses.asdict(scores), preview=_sheet(*first) if preview_rejected else None)
         meta = {
             **_clip_meta(key, clip, clip_index, source, probe),
             "max_disparity": max_disparity, "max_disparity_px": max_disparity * width,
@@ -159,23 +162,33 @@ def pair_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, relat
             "warp": to_plain(cfg.pairs.warp), "config_hash": chain_hash(cfg), "package_version": __version__,
         }
         members = encoder.finish(meta)
-    if make_preview:
-        clean0, disparity0, warped0, mask0 = first
-        sheet = preview.contact_sheet([("frame", clean0), ("disparity", preview.colourize_disparity(disparity0)),
-                                       ("round trip", warped0), ("mask", preview.overlay_mask(clean0, mask0))])
     return ClipResult(key, clip_index, SampleStatus.OK, None, dataclasses.asdict(scores), members=members,
-                      preview=sheet)
+                      preview=_sheet(*first) if make_preview else None)
 
 
-def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: ClipConfig) -> ClipResult:
-    """A clean clip for Stage 1: the quality checks that need no depth, then ``rgb.mp4`` + ``json``."""
+def _sheet(clean0: np.ndarray, disparity0: np.ndarray | None = None, warped0: np.ndarray | None = None,
+           mask0: np.ndarray | None = None) -> np.ndarray:
+    """The contact sheet of a clip's first frame: as many of frame, disparity, round trip, mask as it has."""
+    tiles = [("frame", clean0)]
+    if disparity0 is not None:
+        tiles.append(("disparity", preview.colourize_disparity(disparity0)))
+    if warped0 is not None:
+        tiles += [("round trip", warped0), ("mask", preview.overlay_mask(clean0, mask0))]
+    return preview.contact_sheet(tiles, columns=2)
+
+
+def raw_clip(clip: Clip, clip_index: int, source: str, probe: VideoProbe, cfg: ClipConfig, *,
+             preview_rejected: bool = False) -> ClipResult:
+    """A clean clip for Stage 1: the quality checks that need no depth, then ``rgb.mp4`` + ``json`` (a contact
+    sheet of the first frame when rejected and ``preview_rejected``)."""
     key = make_key(source, clip_index)
     frames = clip.frames
     no_depth = np.broadcast_to(np.float32(0.0), frames.shape[:3])  # a view: no clip-sized array of zeros
     scores = score_quality(frames, no_depth, None)
     verdict = decide(scores, cfg.quality, check_mask=False, check_depth=False)
     if not verdict.keep:
-        return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(scores))
+        return ClipResult(key, clip_index, SampleStatus.REJECTED, verdict.reason.value, dataclasses.asdict(scores),
+                          preview=_sheet(frames[0]) if preview_rejected else None)
     meta = {**_clip_meta(key, clip, clip_index, source, probe), "quality": dataclasses.asdict(scores),
             "config_hash": chain_hash(cfg), "package_version": __version__}
     return ClipResult(key, clip_index, SampleStatus.OK, None, dataclasses.asdict(scores),

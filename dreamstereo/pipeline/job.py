@@ -122,6 +122,7 @@ class GenerateConfig:
     shard_size: int = 16  # inputs per shard
     ray_address: str | None = None  # None: RAY_ADDRESS, else an embedded local Ray
     progress_every_s: float = 30.0  # a progress line at least this often (0: only when a shard commits)
+    rejected_previews: bool = True  # a small JPEG of each rejected clip in previews/<shard>.tar (dreamstereo report)
 
     # `process.device` was accepted and never read (depth runs where resources.depth_device says).
     MOVED_KEYS: typing.ClassVar[dict[str, str]] = {"process.device": "resources.depth_device"}
@@ -180,13 +181,16 @@ def build_dataset(items: list[dict], cfg: GenerateConfig, output: str):
         ds = ds.map_batches(DepthPairActor if fused else DepthActor, batch_size=res.batch_size,
                             num_cpus=res.depth_num_cpus, num_gpus=res.depth_num_gpus or None,
                             compute=ray.data.ActorPoolStrategy(size=res.depth_actors),
-                            fn_constructor_kwargs={**depth_kwargs, **({"depth_weights": depth_weights} if fused else {})},
+                            fn_constructor_kwargs={**depth_kwargs, **({"depth_weights": depth_weights,
+                                                                        "preview_rejected": cfg.rejected_previews}
+                                                                       if fused else {})},
                             **recycled)
     if not fused:
         ds = ds.map_batches(PairActor, batch_size=res.batch_size, num_cpus=res.pair_num_cpus,
                             compute=ray.data.ActorPoolStrategy(size=res.pair_actors),
                             fn_constructor_kwargs={"cfg": cfg.process, "depth_weights": depth_weights, "raw": raw,
-                                                   "recycle_after": res.recycle_after}, **recycled)
+                                                   "recycle_after": res.recycle_after,
+                                                   "preview_rejected": cfg.rejected_previews}, **recycled)
     return ds.map_batches(WriteActor, batch_size=res.batch_size, num_cpus=res.write_num_cpus,
                           compute=ray.data.ActorPoolStrategy(size=res.write_actors),
                           max_restarts=res.worker_retries, max_task_retries=res.worker_retries,
@@ -471,6 +475,7 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
                         "bytes": stats["tar_bytes"], "sha256": stats["tar_sha256"]})
         for key in ("count", "samples", *STATUSES):
             totals[key] += stats[key]
+        totals["previews"] += stats.get("previews", 0)  # absent in shards of earlier versions
         reasons.update(stats["reasons"])
         stage_seconds.update(stats.get("seconds_per_stage", {}))
         for stage, devices in stats.get("stage_placement", {}).items():  # absent in shards of earlier versions
@@ -480,7 +485,8 @@ def write_manifest(storage, shards, cfg, seconds: float, failed_shards: list[int
         "inputs": sum(len(s) for s in shards),
         "shards": len(shards), "committed_shards": len(entries), "failed_shards": failed_shards,
         "clips": totals["count"], "samples": totals["samples"], "rejected": totals["rejected"],
-        "failed": totals["failed"], "reasons": dict(sorted(reasons.items())), "wall_seconds": round(seconds, 2),
+        "failed": totals["failed"], "reasons": dict(sorted(reasons.items())), "previews": totals["previews"],
+        "wall_seconds": round(seconds, 2),
         # Worker seconds per stage summed over every clip, and the clips/s one worker sustains in it.
         "stage_seconds": {k: round(v, 3) for k, v in sorted(stage_seconds.items())},
         "stage_clips_per_s": {k: round(totals["count"] / v, 2) for k, v in sorted(stage_seconds.items()) if v > 0},

@@ -8,7 +8,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from dreamstereo.io.shards import ShardWriter, committed_shards, shard_name
+from dreamstereo.io.shards import ShardWriter, committed_shards, preview_name, shard_name
 from dreamstereo.io.storage import LocalStorage, S3Config, S3Storage
 
 
@@ -53,6 +53,32 @@ def test_commit_writes_tar_parquet_then_stats(tmp_path):
     assert [r["status"] for r in table] == ["ok", "rejected", "failed"]  # every input accounted for
     assert json.loads(table[1]["scores"]) == {"motion": 0.0}
     assert committed_shards(storage) == {7}
+    assert stats["previews"] == 0 and not (tmp_path / "out" / preview_name(7)).exists()
+
+
+def test_a_rejected_clips_preview_goes_to_the_previews_tar_never_the_shard(tmp_path):
+    import webdataset as wds
+
+    storage = CountingStorage(tmp_path / "out")
+    writer = ShardWriter(storage, 3)
+    _fill(writer)
+    writer.add({"key": "d-00000000-c000", "source": "d.mp4", "status": "rejected", "reason": "mask_ratio_low",
+                "scores": {}}, {"preview.jpg": b"\xff\xd8jpeg"})
+    with pytest.raises(ValueError, match="a failed clip has no sample, only a preview.jpg"):
+        writer.add({"key": "e-00000000-c000", "source": "e.mp4", "status": "failed", "reason": "decode_failed",
+                    "scores": {}}, {"rgb.mp4": b"video"})
+    stats = writer.commit()
+    assert storage.order == [shard_name(3, "tar"), shard_name(3, "parquet"), preview_name(3),
+                             shard_name(3, "stats.json")]  # the stats file still commits last
+    assert (stats["samples"], stats["rejected"], stats["previews"]) == (1, 2, 1)
+    shard = list(wds.WebDataset(str(tmp_path / "out" / shard_name(3, "tar")), shardshuffle=False))
+    assert [s["__key__"] for s in shard] == ["a-00000000-c000"]
+    previews = list(wds.WebDataset(str(tmp_path / "out" / preview_name(3)), shardshuffle=False))
+    assert [(s["__key__"], s["preview.jpg"]) for s in previews] == [("d-00000000-c000", b"\xff\xd8jpeg")]
+    # a later commit of the shard without previews (a retry) leaves none of the earlier one behind
+    writer = ShardWriter(storage, 3)
+    _fill(writer)
+    assert writer.commit()["previews"] == 0 and not (tmp_path / "out" / preview_name(3)).exists()
 
 
 def test_uncommitted_shard_is_not_done(tmp_path):

@@ -139,3 +139,31 @@ def test_rows_carry_arrays_that_unpack_without_a_copy(array):
     assert got.dtype == array.dtype and np.array_equal(got, array) and not got.flags.writeable
     assert np.shares_memory(got, np.frombuffer(data, np.uint8))
     assert unpack(b"") is None
+
+
+def test_a_rejected_clip_gets_a_sheet_of_as_far_as_it_got_and_the_pair_actor_packs_it(tmp_path):
+    """Issue 13: rejected clips keep a contact sheet for `dreamstereo report`: the frame and its disparity when
+    rejected before the pair (static), the whole pair when rejected after it (mask ratio); none when not asked."""
+    video, _ = write_scene(demo_scene(width=160, height=96, num_frames=12, seed=3), tmp_path / "scene.mp4", fps=24)
+    cfg = load_config(ClipConfig, [], [*SMALL, "decode.max_clips=1"])
+    probe, (clip,) = read_input(video, None, cfg.decode)
+    (relative,) = oracle_relatives(video, None, probe, [clip], cfg.depth)
+    h, w = clip.frames.shape[1:3]
+    static = dataclasses.replace(cfg, quality=dataclasses.replace(cfg.quality, min_motion=1e9))
+    before = pair_clip(clip, 0, video, probe, relative, static, None, preview_rejected=True)
+    assert (before.status, before.reason) == (SampleStatus.REJECTED, "static")
+    assert before.preview.shape == (h + 4, 2 * (w + 4), 3)  # frame, disparity
+    no_holes = dataclasses.replace(cfg, quality=dataclasses.replace(cfg.quality, mask_ratio=[0.9, 1.0]))
+    after = pair_clip(clip, 0, video, probe, relative, no_holes, None, preview_rejected=True)
+    assert (after.status, after.reason) == (SampleStatus.REJECTED, "mask_ratio_low")
+    assert after.preview.shape == (2 * (h + 4), 2 * (w + 4), 3)  # frame, disparity, round trip, mask
+    assert pair_clip(clip, 0, video, probe, relative, no_holes, None).preview is None
+    assert pair_clip(clip, 0, video, probe, relative, cfg, None, preview_rejected=True).preview is None  # kept
+    # the pair operator passes the sheet on as the rejected clip's one member, a JPEG
+    decoded = decode_batch(_input_batch(video), cfg=no_holes)
+    out = PairActor(no_holes, preview_rejected=True)(decoded)
+    record = json.loads(out["record"][0])
+    members = unpack_members(out["members"][0])
+    assert record["status"] == "rejected" and list(members) == ["preview.jpg"]
+    assert members["preview.jpg"][:2] == b"\xff\xd8"  # JPEG start of image
+    assert PairActor(no_holes)(decoded)["members"][0] == b""
