@@ -15,6 +15,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 
 from dreamstereo import __version__, toy_models
@@ -69,7 +70,8 @@ class DemoConfig:
 def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
     """The whole mission on built-in data, in ``out_dir``:
 
-    1. ``videos/``: ``cfg.num_videos`` synthetic scenes (mp4 + disparity sidecar) and one corrupt file;
+    1. ``videos/``: ``cfg.num_videos`` synthetic scenes (mp4 + disparity sidecar), a still one (rejected as static)
+       and a corrupt file (failed);
     2. ``pbdp/``: a double projection of the first scene, scored against its analytic mask;
     3. ``pairs/``: ``dreamstereo generate`` (PBDP pairs) with the oracle backend on a local Ray (WebDataset
        shards, parquet, stats, ``manifest.json``, ``previews/`` of rejected clips), and ``sample-preview.png`` from
@@ -95,6 +97,10 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, echo=print) -> dict:
         scene = demo_scene(width=cfg.width, height=cfg.height, num_frames=cfg.num_frames, seed=cfg.seed + k)
         scenes.append((scene, *write_scene(scene, videos / f"scene{k:02d}.mp4", fps=cfg.fps)))
     (videos / "corrupt.mp4").write_bytes(b"\x00 not a video " * 64)  # every real corpus has one
+    first = scenes[0][0]  # and a still shot (the quality filter rejects it as static)
+    write_scene(dataclasses.replace(first, frames=np.repeat(first.frames[:1], cfg.num_frames, 0),
+                                    disparity=np.repeat(first.disparity[:1], cfg.num_frames, 0)),
+                videos / "still.mp4", fps=cfg.fps)
 
     scene, video, sidecar = scenes[0]
     direction = training_direction(cfg.synthesized_eye)

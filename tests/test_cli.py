@@ -187,7 +187,8 @@ def test_demo_only_data_runs_the_data_side_end_to_end(capsys, tmp_path, ray_sess
     result = json.loads((out / "manifest.json").read_text())
     assert result["direction"] == "left" and result["mask1_iou_vs_analytic"] >= 0.9
     summary = result["generate"]
-    assert summary["inputs"] == 3 and summary["samples"] + summary["rejected"] == 2 and summary["failed"] == 1
+    assert summary["inputs"] == 4 and summary["samples"] == 2 and summary["failed"] == 1
+    assert summary["reasons"] == {"failed:decode_failed": 1, "rejected:static": 1} and summary["previews"] == 1
     assert (out / "pbdp" / "preview.png").is_file() and (out / "config.yaml").is_file()
     assert (out / "pairs" / "manifest.json").is_file() and (out / "pairs" / "_run_config.yaml").is_file()
     assert summary["samples"] == 0 or (out / "sample-preview.png").is_file()
@@ -211,7 +212,7 @@ def test_demo_runs_the_whole_mission_on_the_toy_models(capsys, tmp_path, ray_ses
     result = json.loads((out / "manifest.json").read_text())
     note = result["smoke_test"]
     assert "random" in note and "smoke test" in note
-    assert result["raw"]["inputs"] == 3 and result["raw"]["samples"] == 2  # mode=raw keeps both clean clips
+    assert result["raw"]["inputs"] == 4 and result["raw"]["samples"] == 2  # the still clip is rejected there too
     stage1, stage2 = result["train"]["stage1"], result["train"]["stage2"]
     assert stage1["steps"] == stage2["steps"] == 3
     meta2 = json.loads((Path(stage2["checkpoint"]) / "meta.json").read_text())
