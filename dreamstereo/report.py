@@ -766,6 +766,14 @@ def open_output(dst: str, s3: S3Config):
         raise ReportError(f"{dst!r}: manifest.json is not JSON ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("summary"), dict):
         raise ReportError(f"{dst!r}: manifest.json has no run summary: not a `dreamstereo generate` output")
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("shard"), int) and not isinstance(e["shard"], bool)
+            and 0 <= e["shard"] < 10**6 for e in shards):
+        raise ReportError(f"{dst!r}: manifest.json's \"shards\" is not a list of {{\"shard\": 0..999999, ...}} "
+                          f"entries: not a `dreamstereo generate` manifest (damaged?)")
+    if not isinstance(manifest["summary"].get("reasons", {}), dict):
+        raise ReportError(f"{dst!r}: manifest.json's summary \"reasons\" is not an object of counts (damaged?)")
     return storage, manifest
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from dreamstereo.types import UserError
@@ -67,6 +68,9 @@ def toy_folder(kind: str) -> Path:
     final = root / f"{kind}-{_revision()}"
     if final.is_dir():
         return final
+    for stale in root.glob(f".{kind}-*"):  # a build killed half-way (kill -9, a full disk) an hour or more ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     logger.info("building the toy %s model (random weights, a smoke test) in %s", kind, final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
     try:

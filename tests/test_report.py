@@ -323,3 +323,15 @@ def test_io_bytes_helpers_read_only_the_first_frame():
     frames[0] = 200
     first = media.decode_first_frame_bytes(media.encode_video_bytes(frames, 12.0, crf=0))
     assert first.shape == (16, 16, 3) and abs(int(first.mean()) - 200) <= 2
+
+
+@pytest.mark.parametrize("manifest", ['{"summary": {}, "shards": [{"shard": "x"}]}', '{"summary": {}, "shards": 7}',
+                                      '{"summary": {}, "shards": [null]}', '{"summary": {"reasons": 5}}',
+                                      '{"shards": []}', '[1, 2]'])
+def test_a_damaged_manifest_is_one_line_naming_the_output(tmp_path, capsys, manifest):
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "manifest.json").write_text(manifest)
+    code = main(["report", str(tmp_path / "dst"), "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(tmp_path / "dst") in err
+    assert not (tmp_path / "report").exists()

@@ -48,6 +48,18 @@ def test_a_toy_is_built_once_and_two_builders_at_once_leave_one_whole_copy(own_c
     assert oct(own_cache.stat().st_mode & 0o777) == "0o700"
 
 
+def test_a_build_killed_half_way_is_cleared_once_it_is_old(own_cache):
+    own_cache.mkdir(mode=0o700)
+    old, recent = own_cache / ".depth-anything-v2-old", own_cache / ".depth-anything-v2-recent"
+    for folder in (old, recent):
+        folder.mkdir()
+        (folder / "config.json").write_text("{")  # half-written
+    os.utime(old, (0, 0))
+    folder = toy_models.toy_folder("depth-anything-v2")
+    assert not old.exists() and recent.exists()  # a recent one may be another process's build in progress
+    assert (folder / "config.json").read_text().startswith("{\n")
+
+
 def test_a_cache_folder_others_can_write_to_is_refused(own_cache):
     own_cache.mkdir()
     os.chmod(own_cache, 0o777)
