@@ -49,7 +49,7 @@ STAGING_DIR = "_staging"
 PREVIEW_DIR = "previews"
 PREVIEW_MEMBER = "preview.jpg"
 # The parquet of every shard has this one typed schema, whatever its clips did (all kept, all failed, none),
-# so a whole output reads as one table (pyarrow.dataset, pandas.read_parquet(DST/shards), DuckDB). Version 1
+# so a whole output reads as one table (pyarrow.dataset, pandas, DuckDB: docs/dataset-format.md). Version 1
 # (before) inferred the types per shard: a shard without failures had null-typed reason/message columns.
 # The quality scores are typed columns (``quality_<name>``, null when a clip failed before scoring) beside
 # the JSON ``scores``; ``placement`` is JSON (stage -> device).
