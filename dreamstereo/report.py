@@ -75,12 +75,15 @@ class ReportConfig:
     max_sources: int = 50  # rows of the per-source table (the sources with the most clips)
     batch_rows: int = 65_536  # parquet rows read at a time
     max_listed_problems: int = 100  # unreadable shard files listed by name (all are counted)
+    tile_width: int = 480  # gallery images are scaled down to at most this many pixels wide (a click opens one)
     s3: S3Config = dataclasses.field(default_factory=S3Config)  # for an s3:// DST (credentials: the standard chain)
 
     def __post_init__(self):
         for name in ("gallery", "max_listed_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tile_width < 16:
+            raise ValueError(f"tile_width must be >= 16, got {self.tile_width}")
         for name in ("max_hist_values", "max_sources", "batch_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -354,9 +357,11 @@ def _view2(clean: np.ndarray, disparity: np.ndarray, meta: dict) -> tuple[np.nda
     return view, result.mask[0].numpy()
 
 
-def _gallery_images(members: dict, key: str, folder: Path, stem: str) -> tuple[list[tuple[str, str]], dict]:
-    """Write the sample's tiles as ``folder/<stem>-<tile>.{jpg,png}``; return their (caption, file name) and
-    frame 0's ``disparity`` and ``mask`` (for the distributions)."""
+def _gallery_images(members: dict, key: str, folder: Path, stem: str,
+                    tile_width: int) -> tuple[list[tuple[str, str]], dict]:
+    """Write the sample's tiles as ``folder/<stem>-<tile>.{jpg,png}``, at most ``tile_width`` pixels wide (a 768x1280
+    clip would otherwise add megabytes per sample); return their (caption, file name) and frame 0's full-size
+    ``disparity`` and ``mask`` (for the distributions)."""
     meta = json.loads(members["json"]) if "json" in members else {}
     frames = _first_frames(members, key)
     tiles = []
@@ -372,7 +377,7 @@ def _gallery_images(members: dict, key: str, folder: Path, stem: str) -> tuple[l
         if base is not None:
             tiles.append(("round trip, mask", f"{stem}-mask.png", preview.overlay_mask(base, frames["mask"])))
     for _, name, image in tiles:
-        media.write_image(folder / name, image)
+        media.write_image(folder / name, preview.fit_width(image, tile_width))
     return [(caption, name) for caption, name, _ in tiles], {k: frames[k] for k in ("disparity", "mask") if k in frames}
 
 
@@ -392,7 +397,7 @@ def _fill_gallery(storage_uri: str, items: list[dict], cfg: ReportConfig, folder
                 if item is not None:
                     try:
                         item["images"], item["arrays"] = _gallery_images(sample_members(raw), item["key"], folder,
-                                                                       item["stem"])
+                                                                       item["stem"], cfg.tile_width)
                     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as exc:  # one bad sample
                         item["error"] = f"cannot draw: {type(exc).__name__}: {exc}"
                 if not todo:
@@ -430,7 +435,8 @@ def _fill_previews(storage, storage_uri: str, items: list[dict], cfg: ReportConf
                     if image is None:
                         item["error"] = "its preview does not decode"
                     else:
-                        media.write_image(folder / f"{item['stem']}-preview.jpg", image)
+                        media.write_image(folder / f"{item['stem']}-preview.jpg",
+                                          preview.fit_width(image, cfg.tile_width))
                         item["images"] = [("first frame, as far as it got", f"{item['stem']}-preview.jpg")]
                 if not todo:
                     break
@@ -695,8 +701,8 @@ def _card(item: dict, quality: QualityConfig) -> str:
         message = item["message"] if len(item["message"]) <= 2000 else item["message"][:2000] + " [...]"
         parts.append(f"<div>message: <code>{_e(message)}</code></div>")
     if item.get("images"):
-        tiles = "".join(f'<figure><img src="{_IMG}/{_e(name)}" alt="{_e(caption)}"><figcaption>{_e(caption)}'
-                        f"</figcaption></figure>" for caption, name in item["images"])
+        tiles = "".join(f'<figure><a href="{_IMG}/{_e(name)}"><img src="{_IMG}/{_e(name)}" alt="{_e(caption)}"></a>'
+                        f"<figcaption>{_e(caption)}</figcaption></figure>" for caption, name in item["images"])
         parts.append(f'<div class="tiles">{tiles}</div>')
     if item.get("error"):
         parts.append(f'<div class="warn">{_e(item["error"])}</div>')

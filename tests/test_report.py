@@ -122,6 +122,8 @@ def test_the_page_counts_what_the_manifest_counts_and_every_image_decodes(output
     for score in QUALITY_COLUMNS:
         assert f"hist-{score[len('quality_'):]}.png" in files
     assert sum(name.startswith("kept-") for name in files) == 4 * 4
+    with Image.open(index.parent / "img" / "kept-00-frame.jpg") as image:
+        assert image.size == (96, 64)  # tiles narrower than tile_width keep their size
     # the rejected clips show the contact sheet generate kept of them (previews/<shard>.tar); the failed one none
     assert summary["previews"] == 2 and sum(name.endswith("-preview.jpg") for name in files) == 2
     cards = [a for tag, a in page.attrs if "data-status" in a]
@@ -138,7 +140,17 @@ def test_the_page_counts_what_the_manifest_counts_and_every_image_decodes(output
 
 @pytest.mark.slow
 def test_large_outputs_are_sampled_and_the_page_says_how(output, tmp_path, capsys):
-    _, page = _report(capsys, output, tmp_path / "report", "max_hist_values=3", "gallery=2", "max_sources=2")
+    index, page = _report(capsys, output, tmp_path / "report", "max_hist_values=3", "gallery=2", "max_sources=2",
+                          "tile_width=40")
+    # gallery tiles are scaled to tile_width (a full-size clip would add megabytes a sample); each links to itself
+    tiles = [src for src in page.images if src.startswith(("img/kept-", "img/other-"))]
+    assert sum(src.startswith("img/kept-") for src in tiles) == 2 * 4
+    for src in tiles:
+        assert page.links.count(src) == 2  # <a href> and <img src>
+        with Image.open(index.parent / src) as image:
+            assert image.size[0] == 40, (src, image.size)
+            if src.startswith("img/kept-"):
+                assert image.size[1] == 27  # 96x64 scaled, aspect kept
     motion = next(a for tag, a in page.attrs if a.get("data-hist") == "motion")
     assert (motion["data-shown"], motion["data-of"]) == ("3", "6")  # 4 kept + 2 rejected clips have scores
     mask = next(a for tag, a in page.attrs if a.get("data-hist") == "mask_ratio")

@@ -40,12 +40,18 @@ def contact_sheet(tiles: list[tuple[str, np.ndarray]], columns: int = 2) -> np.n
     return sheet
 
 
-def encode_jpeg(image: np.ndarray, max_width: int = 640, quality: int = 85) -> bytes:
-    """``(H, W, 3)`` uint8 RGB as JPEG bytes, scaled down to at most ``max_width`` pixels wide."""
+def fit_width(image: np.ndarray, max_width: int) -> np.ndarray:
+    """``(H, W, 3)`` image as uint8, scaled down (area-averaged, aspect kept) to at most ``max_width`` pixels wide."""
     image = to_uint8(image)
     if image.shape[1] > max_width:
         height = max(1, round(image.shape[0] * max_width / image.shape[1]))
         image = cv2.resize(image, (max_width, height), interpolation=cv2.INTER_AREA)
+    return image
+
+
+def encode_jpeg(image: np.ndarray, max_width: int = 640, quality: int = 85) -> bytes:
+    """``(H, W, 3)`` uint8 RGB as JPEG bytes, scaled down to at most ``max_width`` pixels wide."""
+    image = fit_width(image, max_width)
     ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError(f"could not encode a {image.shape} image as JPEG")
