@@ -41,7 +41,11 @@ def _cache_root() -> Path:
     """``$DREAMSTEREO_TOY_CACHE``, else ``<temp>/dreamstereo-toy-<uid>``: this user's own folder (mode 700),
     refused if someone else owns it or can write to it (weights are loaded from it)."""
     root = Path(os.environ.get("DREAMSTEREO_TOY_CACHE") or Path(tempfile.gettempdir()) / f"dreamstereo-toy-{os.getuid()}")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"toy model cache {str(root)!r} cannot be made ({exc.strerror or exc}): set "
+                        "DREAMSTEREO_TOY_CACHE to a folder of yours") from exc
     info = root.stat()
     if info.st_uid != os.getuid() or info.st_mode & 0o022:
         raise UserError(f"toy model cache {str(root)!r} is not this user's own folder (owner uid {info.st_uid}, "
@@ -82,9 +86,11 @@ def toy_folder(kind: str) -> Path:
             save_depthcrafter(tmp)
         (tmp / TOY_INFO_FILE).write_text(json.dumps({"toy": kind, "smoke_test": SMOKE_TEST}, indent=2))
         os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not another process's copy that won the race: a real failure
-            raise
+    except Exception as exc:  # (safetensors reports a full disk as its own error type)
+        if final.is_dir():  # another process's copy won the race
+            return final
+        raise UserError(f"cannot build the toy {kind} model in {str(root)!r}: {type(exc).__name__}: {exc} (it "
+                        "needs a few MB: free some, or set DREAMSTEREO_TOY_CACHE to a folder with room)") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -4,6 +4,8 @@ output they touch says that its weights are random."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -64,6 +66,25 @@ def test_a_cache_folder_others_can_write_to_is_refused(own_cache):
     own_cache.mkdir()
     os.chmod(own_cache, 0o777)
     with pytest.raises(UserError, match="not this user's own folder.*DREAMSTEREO_TOY_CACHE"):
+        toy_models.toy_folder("wan")
+
+
+def test_a_disk_without_room_is_one_line_naming_the_cache_and_leaves_nothing(own_cache, tmp_path):
+    # the kernel refuses writes past RLIMIT_FSIZE (EFBIG), as a full disk refuses them (ENOSPC): a real write fault
+    script = ("import resource, signal\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from dreamstereo.cli import main\n"
+              "raise SystemExit(main(['convert', 'missing.mp4', 'x.mp4', '--checkpoint', 'toy']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "DREAMSTEREO_TOY_CACHE": str(own_cache)})
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert f"cannot build the toy wan model in '{own_cache}'" in line and "DREAMSTEREO_TOY_CACHE" in line, line
+    assert list(own_cache.iterdir()) == []  # no half-built folder
+    (tmp_path / "a-file").write_text("")
+    os.environ["DREAMSTEREO_TOY_CACHE"] = str(tmp_path / "a-file" / "cache")  # (restored by the fixture)
+    with pytest.raises(UserError, match="toy model cache '.*a-file/cache' cannot be made.*DREAMSTEREO_TOY_CACHE"):
         toy_models.toy_folder("wan")
 
 

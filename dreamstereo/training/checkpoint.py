@@ -47,9 +47,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dreamstereo.io.storage import S3Config, StorageError, open_storage
+from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
 from dreamstereo.models import wan_inpaint as wan
-from dreamstereo.types import UserError
+from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,14 @@ class CheckpointStore:
             aside = final.parent / f".{final.name}.old-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(aside, ignore_errors=True)
-            shutil.copytree(folder, staging)
+            try:
+                staging.mkdir()
+                for name in names:
+                    shutil.copyfile(folder / name, staging / name)
+            except OSError as exc:  # a full disk: nothing half-written stays, the message names the checkpoint
+                shutil.rmtree(staging, ignore_errors=True)
+                error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
+                raise error(f"cannot write checkpoint {str(final)!r}: {os_error_reason(exc)}") from None
             if final.exists():  # an uncommitted leftover, or a rerun of the same step: renamed aside, not deleted
                 os.rename(final, aside)
             os.rename(staging, final)

@@ -8,15 +8,18 @@ from the base), ``prompt_embedding.safetensors`` and ``dreamstereo_model.json`` 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dreamstereo import __version__, toy_models
-from dreamstereo.io.storage import S3Config
+from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training import checkpoint as ckpt
+from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +28,19 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write the merged model of ``checkpoint`` (local or ``s3://``) to ``out``; returns ``out``.
 
+    The model is written beside ``out`` under a temporary name and renamed into place when whole, so a full disk
+    or a kill leaves no half-written model; an earlier export in ``out`` is replaced as a whole.
+
     Args:
         base: the base model folder; None = the one recorded in the checkpoint's ``meta.json``.
 
     Raises:
         StorageError: ``checkpoint`` is not a committed checkpoint (``CheckpointError``: one of its files is
             missing or not what its name says; nothing in it is unpickled). WeightsError: the base is missing.
+        UserError: ``out`` holds files that are not an exported model. UnwritableStorageError: a full disk.
     """
+    out = Path(out)
+    _check_replaceable(out)
     with ckpt.fetched(checkpoint, s3) as folder:  # an s3:// checkpoint: a temporary copy, deleted after
         meta = ckpt.read_meta(folder, checkpoint)
         base = base or meta.get("base")
@@ -58,19 +67,49 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                                        f"{ckpt.ADAPTER_CONFIG_FILE} (r={rank}, targets {targets}): "
                                        f"{str(exc).splitlines()[0][:200]}") from None
         wan.merge_lora(transformer)
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(out / "transformer")
-        vae_src = wan.model_folder(base) / "vae"
-        if vae_src.is_dir():
-            shutil.copytree(vae_src, out / "vae", dirs_exist_ok=True)
-        shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, out / wan.PROMPT_EMBEDDING_FILE)
-        wan.write_model_info(out, {"checkpoint": checkpoint, "step": meta.get("step"), "base": base,
-                                   "lora_rank": adapter["r"], "lora_alpha": adapter["lora_alpha"],
-                                   "in_channels": wan.INPAINT_IN_CHANNELS,
-                                   "dtype": str(dtype).removeprefix("torch."), "package_version": __version__,
-                                   **({"smoke_test": note} if note else {})})
+        base_vae = wan.model_folder(base) / "vae"
+        info = {"checkpoint": checkpoint, "step": meta.get("step"), "base": base, "lora_rank": adapter["r"],
+                "lora_alpha": adapter["lora_alpha"], "in_channels": wan.INPAINT_IN_CHANNELS,
+                "dtype": str(dtype).removeprefix("torch."), "package_version": __version__,
+                **({"smoke_test": note} if note else {})}
+        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(staging / "transformer")
+            if base_vae.is_dir():
+                (staging / "vae").mkdir()
+                for file in sorted(p for p in base_vae.iterdir() if p.is_file()):
+                    shutil.copyfile(file, staging / "vae" / file.name)
+            shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, staging / wan.PROMPT_EMBEDDING_FILE)
+            wan.write_model_info(staging, info)
+            _replace(staging, out)
+        except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error type)
+            reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+            full = isinstance(exc, SafetensorError) or exc.errno in UNWRITABLE_ERRNOS
+            raise (UnwritableStorageError if full else StorageError)(
+                f"cannot write the exported model {str(out)!r}: {reason}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     if note:
         logger.warning("%s: %s", out, note)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that is a file or a folder of other things (it would be replaced)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / wan.MODEL_INFO_FILE).is_file())):
+        raise UserError(f"output {str(out)!r} exists and is not an exported model (no {wan.MODEL_INFO_FILE}): give "
+                        "a new or empty folder (an earlier export there is replaced as a whole)")
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Rename the whole ``staging`` folder to ``out``; an earlier export there is renamed aside, then deleted."""
+    aside = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    elif out.exists():
+        os.rename(out, aside)
+    os.rename(staging, out)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,29 @@ def test_a_same_step_save_replaces_the_old_checkpoint_locally(tmp_path):
     assert _read(store, 2) == {"adapter_model.safetensors": "new adapter_model.safetensors",
                                "training_state.pt": "new training_state.pt", "meta.json": '{"tag": "new"}'}
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]  # nothing left aside
+
+
+def test_a_local_save_on_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(tmp_path):
+    store = ckpt.CheckpointStore(str(tmp_path / "checkpoints"))
+    store.save(2, _folder(tmp_path / "a", "old"))
+    big = _folder(tmp_path / "b", "new")
+    (big / "training_state.pt").write_bytes(os.urandom(1 << 16))
+    # the kernel refuses writes past RLIMIT_FSIZE (EFBIG) as a full disk refuses them (ENOSPC): a real write fault
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+              "from dreamstereo.training.checkpoint import CheckpointStore\n"
+              "from dreamstereo.io.storage import UnwritableStorageError\n"
+              "try:\n"
+              "    CheckpointStore(sys.argv[1]).save(2, __import__('pathlib').Path(sys.argv[2]))\n"
+              "except UnwritableStorageError as exc:\n"
+              "    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script, store.uri, str(big)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == (
+        f"cannot write checkpoint '{store.uri}/step-00000002': File too large [EFBIG]"), done.stdout + done.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]  # no staging folder left
+    assert _read(store, 2)["meta.json"] == '{"tag": "old"}'  # the committed one is untouched
 
 
 def test_a_same_step_save_on_s3_uncommits_the_old_one_first(s3_bucket, s3_env, tmp_path):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -122,6 +124,34 @@ def test_the_base_is_left_untouched_by_an_export(checkpoint, toy_wan, tmp_path):
     before = _files(toy_wan)
     export_model(str(checkpoint), tmp_path / "model")
     assert _files(toy_wan) == before
+
+
+def test_an_export_is_written_whole_or_not_at_all_and_replaces_only_an_earlier_export(checkpoint, exported,
+                                                                                      tmp_path, capsys):
+    # a folder of other things is refused before any work, untouched
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["-q", "export", str(checkpoint), "--out", str(tmp_path / "mine")]) == 2
+    assert "exists and is not an exported model (no dreamstereo_model.json)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # a rerun replaces the earlier export as a whole (a file of an older layout does not stay)
+    out = shutil.copytree(exported, tmp_path / "model")
+    (out / "stale.bin").write_bytes(b"old")
+    export_model(str(checkpoint), out)
+    assert _files(out) == _files(exported) and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]
+    # a disk that refuses the writes (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) half-way through: one line
+    # naming the output, no half-written model and no temporary folder left
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
+              "from dreamstereo.cli import main\n"
+              "raise SystemExit(main(['-q', 'export', sys.argv[1], '--out', sys.argv[2]]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(tmp_path / "full" / "model")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().startswith(f"dreamstereo export: error: cannot write the exported model "
+                                          f"'{tmp_path}/full/model': "), done.stderr
+    assert list((tmp_path / "full").iterdir()) == []
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
