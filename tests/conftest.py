@@ -6,6 +6,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +62,17 @@ def tiny_depthcrafter(tmp_path_factory) -> tuple[str, str]:
     from dreamstereo.toy_models import save_depthcrafter
 
     return save_depthcrafter(tmp_path_factory.mktemp("depthcrafter"))
+
+
+def run_with_file_size_limit(code: str, *args: str, limit: int, env: dict | None = None):
+    """Run ``code`` (Python, ``sys.argv[1:]`` = ``args``) in a subprocess whose writes past ``limit`` bytes per
+    file the kernel refuses (RLIMIT_FSIZE: EFBIG, as a full disk refuses them with ENOSPC): a real write fault
+    without root or a small tmpfs. Returns the ``subprocess.CompletedProcess`` (text output captured)."""
+    prelude = ("import resource, signal, sys\n"
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")
+    return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True,
+                          timeout=300, env=env)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,6 @@ output they touch says that its weights are random."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from dreamstereo import toy_models
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.stages.depth import DepthConfig, load_backend
 from dreamstereo.types import DepthBackendName, UserError
+from tests.conftest import run_with_file_size_limit
 
 
 @pytest.fixture
@@ -70,14 +69,9 @@ def test_a_cache_folder_others_can_write_to_is_refused(own_cache):
 
 
 def test_a_disk_without_room_is_one_line_naming_the_cache_and_leaves_nothing(own_cache, tmp_path):
-    # the kernel refuses writes past RLIMIT_FSIZE (EFBIG), as a full disk refuses them (ENOSPC): a real write fault
-    script = ("import resource, signal\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "from dreamstereo.cli import main\n"
-              "raise SystemExit(main(['convert', 'missing.mp4', 'x.mp4', '--checkpoint', 'toy']))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "DREAMSTEREO_TOY_CACHE": str(own_cache)})
+    done = run_with_file_size_limit("from dreamstereo.cli import main\n"
+                                    "raise SystemExit(main(['convert', 'missing.mp4', 'x.mp4', '--checkpoint', 'toy']))",
+                                    limit=4096, env={**os.environ, "DREAMSTEREO_TOY_CACHE": str(own_cache)})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert f"cannot build the toy wan model in '{own_cache}'" in line and "DREAMSTEREO_TOY_CACHE" in line, line

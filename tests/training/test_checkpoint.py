@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 from dreamstereo.io.storage import S3Config, StorageError
 from dreamstereo.training import checkpoint as ckpt
 from dreamstereo.training.train import TrainSetupError, check_store_shared, clip_grads
+from tests.conftest import run_with_file_size_limit
 
 
 def _folder(path: Path, tag: str, names=("adapter_model.safetensors", "training_state.pt")) -> Path:
@@ -56,18 +55,13 @@ def test_a_local_save_on_a_full_disk_names_the_checkpoint_and_keeps_the_old_one(
     store.save(2, _folder(tmp_path / "a", "old"))
     big = _folder(tmp_path / "b", "new")
     (big / "training_state.pt").write_bytes(os.urandom(1 << 16))
-    # the kernel refuses writes past RLIMIT_FSIZE (EFBIG) as a full disk refuses them (ENOSPC): a real write fault
-    script = ("import resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
-              "from dreamstereo.training.checkpoint import CheckpointStore\n"
-              "from dreamstereo.io.storage import UnwritableStorageError\n"
-              "try:\n"
-              "    CheckpointStore(sys.argv[1]).save(2, __import__('pathlib').Path(sys.argv[2]))\n"
-              "except UnwritableStorageError as exc:\n"
-              "    print(exc)\n")
-    done = subprocess.run([sys.executable, "-c", script, store.uri, str(big)], capture_output=True, text=True,
-                          timeout=120)
+    done = run_with_file_size_limit("from pathlib import Path\n"
+                                    "from dreamstereo.io.storage import UnwritableStorageError\n"
+                                    "from dreamstereo.training.checkpoint import CheckpointStore\n"
+                                    "try:\n"
+                                    "    CheckpointStore(sys.argv[1]).save(2, Path(sys.argv[2]))\n"
+                                    "except UnwritableStorageError as exc:\n"
+                                    "    print(exc)\n", store.uri, str(big), limit=4096)
     assert done.returncode == 0 and done.stdout.strip() == (
         f"cannot write checkpoint '{store.uri}/step-00000002': File too large [EFBIG]"), done.stdout + done.stderr
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]  # no staging folder left

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from dreamstereo.cli import main
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training.checkpoint import CheckpointError
 from dreamstereo.training.export import export_model
+from tests.conftest import run_with_file_size_limit
 
 RANK, ALPHA = 4, 12.0  # LoRA scale alpha / rank = 3: an export that ignored alpha or rank would not match
 TARGETS = ["attn1.to_q", "attn1.to_v", "ffn.net.0.proj"]
@@ -141,13 +140,9 @@ def test_an_export_is_written_whole_or_not_at_all_and_replaces_only_an_earlier_e
     assert _files(out) == _files(exported) and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]
     # a disk that refuses the writes (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) half-way through: one line
     # naming the output, no half-written model and no temporary folder left
-    script = ("import resource, signal, sys\n"
-              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))\n"
-              "from dreamstereo.cli import main\n"
-              "raise SystemExit(main(['-q', 'export', sys.argv[1], '--out', sys.argv[2]]))\n")
-    done = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(tmp_path / "full" / "model")],
-                          capture_output=True, text=True, timeout=300)
+    done = run_with_file_size_limit("from dreamstereo.cli import main\n"
+                                    "raise SystemExit(main(['-q', 'export', sys.argv[1], '--out', sys.argv[2]]))",
+                                    str(checkpoint), str(tmp_path / "full" / "model"), limit=1 << 16)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert done.stderr.strip().startswith(f"dreamstereo export: error: cannot write the exported model "
                                           f"'{tmp_path}/full/model': "), done.stderr
