@@ -16,8 +16,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -102,23 +104,52 @@ def _replace(source: Path, target: Path) -> None:
         old.unlink()
 
 
+_STAGE_PREFIX = ".staging-"  # + <host>-<pid> (earlier versions: <pid>)
+
+
+def _remove_dead_stages(folder: Path) -> None:
+    """Delete the staging folders that runs killed mid-way (kill -9, a crash) left in ``folder``: this host's
+    whose process is gone, and anyone's a day old (another host's run in progress on a shared disk stays)."""
+    host = socket.gethostname()
+    for entry in folder.glob(f"{_STAGE_PREFIX}*"):
+        owner, _, pid = entry.name[len(_STAGE_PREFIX):].rpartition("-")
+        try:
+            stale = time.time() - entry.stat().st_mtime > 86_400
+        except OSError:
+            continue
+        if stale or (owner in (host, "") and pid.isdigit() and not _process_alive(int(pid))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_folder(folder: str | Path, *, last: tuple[str, ...] = ("manifest.json",)) -> Iterator[Path]:
     """Yield a hidden folder inside ``folder`` for all of one run's outputs; on success move them into
     ``folder`` (names in ``last`` at the end: the manifest appears only beside complete outputs), on
     error delete them. A run thus leaves all its outputs or none, and what ``folder`` held before is
     only ever replaced by a complete run (a full disk mid-run loses nothing). A ``folder`` this run
-    created is removed again when the run fails and leaves it empty.
+    created is removed again when the run fails and leaves it empty. What a run killed with -9 left in its
+    staging folder is removed by the next run (:func:`_remove_dead_stages`).
 
     Raises:
         WriteError: a refused write, naming the file's final path under ``folder``.
     """
     folder = Path(folder)
-    stage = folder / f".staging-{os.getpid()}"
+    stage = folder / f"{_STAGE_PREFIX}{socket.gethostname()}-{os.getpid()}"
     created = not folder.exists()
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            _remove_dead_stages(folder)
             stage.mkdir(exist_ok=True)
             yield stage
             for entry in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import errno
+import os
+import socket
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -108,3 +112,22 @@ def test_writes_on_a_read_only_disk_name_the_file_and_the_cause(tiny_disk):
             pass
     with pytest.raises(media.WriteError, match=r"'.*/v\.mkv': Read-only file system \[EROFS\]"):
         media.write_video(tiny_disk.path / "v.mkv", np.zeros((2, 8, 8, 3), np.uint8), 8, lossless=True)
+
+
+def test_the_staging_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a process that is gone: its pid names a run killed with -9
+    host = socket.gethostname()
+    dead, old_style = out / f".staging-{host}-{child.pid}", out / f".staging-{child.pid}"
+    elsewhere, elsewhere_old = out / ".staging-otherhost-1", out / ".staging-otherhost-2"
+    alive = out / f".staging-{host}-{os.getppid()}"  # a run in progress (this test's parent process)
+    for folder in (dead, old_style, elsewhere, elsewhere_old, alive):
+        folder.mkdir()
+        (folder / "index.html").write_text("half")
+    os.utime(elsewhere_old, (0, 0))
+    with media.staged_folder(out, last=("index.html",)) as stage:
+        media.write_text(stage / "index.html", "whole")
+    assert sorted(p.name for p in out.iterdir()) == sorted([elsewhere.name, alive.name, "index.html"])
+    assert (out / "index.html").read_text() == "whole"
