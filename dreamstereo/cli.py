@@ -266,7 +266,7 @@ def _cmd_demo(args) -> int:
 def _cmd_convert(args) -> int:
     from dreamstereo.inference.convert import InpaintMethod, convert_video
     from dreamstereo.inference.inpaint import StereoInpainter
-    from dreamstereo.io.media import MediaError
+    from dreamstereo.io.media import MediaError, probe_video
 
     overrides = [f"format={args.format}"] if args.format else []
     overrides += [f"depth.backend={args.depth}"] if args.depth else []
@@ -277,6 +277,7 @@ def _cmd_convert(args) -> int:
     if Path(args.output).resolve() == Path(args.input).resolve():
         raise MediaError(f"output {args.output!r} is the input")
     preview = Path(args.output).with_suffix(".preview.png") if args.preview else None
+    probe_video(args.input)  # a missing or unreadable input fails before a model loads
     inpainter = None
     if args.checkpoint and cfg.inpaint is not InpaintMethod.OPENCV:
         inpainter = StereoInpainter(args.checkpoint, cfg.model, cfg.device)

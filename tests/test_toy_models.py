@@ -12,6 +12,7 @@ import pytest
 
 from dreamstereo import toy_models
 from dreamstereo.models import wan_inpaint as wan
+from dreamstereo.scenes import demo_scene, write_scene
 from dreamstereo.stages.depth import DepthConfig, load_backend
 from dreamstereo.types import DepthBackendName, UserError
 from tests.conftest import run_with_file_size_limit
@@ -69,9 +70,12 @@ def test_a_cache_folder_others_can_write_to_is_refused(own_cache):
 
 
 def test_a_disk_without_room_is_one_line_naming_the_cache_and_leaves_nothing(own_cache, tmp_path):
+    video = tmp_path / "in.mp4"
+    write_scene(demo_scene(width=64, height=48, num_frames=4), video, fps=8)
     done = run_with_file_size_limit("from dreamstereo.cli import main\n"
-                                    "raise SystemExit(main(['convert', 'missing.mp4', 'x.mp4', '--checkpoint', 'toy']))",
-                                    limit=4096, env={**os.environ, "DREAMSTEREO_TOY_CACHE": str(own_cache)})
+                                    "raise SystemExit(main(['convert', sys.argv[1], sys.argv[2], '--checkpoint', 'toy']))",
+                                    str(video), str(tmp_path / "out.mp4"), limit=4096,
+                                    env={**os.environ, "DREAMSTEREO_TOY_CACHE": str(own_cache)})
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     line = done.stderr.strip().splitlines()[-1]
     assert f"cannot build the toy wan model in '{own_cache}'" in line and "DREAMSTEREO_TOY_CACHE" in line, line

@@ -81,6 +81,9 @@ def test_bad_inputs_end_with_one_line(step_video, tmp_path, capsys):
         ([str(text), str(tmp_path / "a.mp4")], "cannot open video"),
         ([str(audio_only), str(tmp_path / "b.mp4")], "has no video stream"),
         ([str(tmp_path / "missing.mp4"), str(tmp_path / "c.mp4")], "no such file"),
+        # the input is checked before a model is loaded (the 1.3B model takes a minute to load)
+        ([str(tmp_path / "missing.mp4"), str(tmp_path / "c.mp4"), "--checkpoint", str(tmp_path / "no-model")],
+         "no such file"),
         ([step_video[0], str(tmp_path / "d.mp4"), "--format", "cross-eyed"], "invalid choice"),
         ([step_video[0], str(tmp_path / "e.avi")], "must be an .mp4"),
         ([step_video[0], str(tmp_path / "f.mp4"), "--depth", "oracle", "max_disparity=2"], "max_disparity"),
