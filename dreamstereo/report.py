@@ -256,7 +256,7 @@ def _read_parquet(storage, scan: Scan, cfg: ReportConfig, shard: int, mode: str)
                 if not np.isnan(value):
                     finite[(bool(value), s == SampleStatus.OK.value)] += 1
 
-        def row(i, base=offset):
+        def row(i, base=offset, rows=rows, scores=scores):  # (called within this batch: ItemSample.add)
             item = {name: rows[name][i] for name in rows}
             item.update(shard=shard, row=base + i, scores={k: float(v[i]) for k, v in scores.items()
                                                              if not np.isnan(v[i])})
@@ -269,8 +269,8 @@ def _read_parquet(storage, scan: Scan, cfg: ReportConfig, shard: int, mode: str)
 
         ok_idx = np.flatnonzero(kept)
         other_idx = np.flatnonzero(~kept)
-        scan.kept_sample.add(len(ok_idx), lambda i: row(int(ok_idx[i])))
-        scan.other_sample.add(len(other_idx), lambda i: row(int(other_idx[i])))
+        scan.kept_sample.add(len(ok_idx), lambda i, idx=ok_idx: row(int(idx[i])))
+        scan.other_sample.add(len(other_idx), lambda i, idx=other_idx: row(int(idx[i])))
         offset += n
     scan.counts.update(counts)
     scan.reasons.update(reasons)
@@ -585,17 +585,17 @@ def _table(header: list[str], rows: list[str]) -> str:
 
 
 def _summary_section(dst: str, summary: dict, scan: Scan, mode: str, quality_from: str) -> str:
-    parts = [f"<p>Output <code>{_e(dst)}</code>, mode <code>{_e(mode)}</code>, config hash "
-             f"<code id=\"config-hash\">{_e(summary.get('config_hash', ''))}</code>, package "
-             f"{_e(summary.get('version', '?'))}, parquet schema version "
-             f"{_e(summary.get('parquet_schema_version', 1))}; wall time of the run "
-             f"{_e(summary.get('wall_seconds', '?'))} s. Quality thresholds: {_e(quality_from)}.</p>"]
+    parts = [(f"<p>Output <code>{_e(dst)}</code>, mode <code>{_e(mode)}</code>, config hash "
+              f"<code id=\"config-hash\">{_e(summary.get('config_hash', ''))}</code>, package "
+              f"{_e(summary.get('version', '?'))}, parquet schema version "
+              f"{_e(summary.get('parquet_schema_version', 1))}; wall time of the run "
+              f"{_e(summary.get('wall_seconds', '?'))} s. Quality thresholds: {_e(quality_from)}.</p>")]
     if summary.get("smoke_test"):
         parts.append(f'<p class="warn" id="smoke-test">SMOKE TEST: {_e(summary["smoke_test"])}</p>')
     shards = f"{summary.get('committed_shards', '?')} of {summary.get('shards', '?')}"
     rows = [f"<tr><td>inputs</td>{_count_cell('inputs', 'manifest', summary.get('inputs', ''))}<td></td></tr>",
-            f"<tr><td>shards committed</td>{_count_cell('committed_shards', 'manifest', shards)}"
-            f"{_count_cell('shards_read', 'parquet', scan.shards_read)}</tr>"]
+            (f"<tr><td>shards committed</td>{_count_cell('committed_shards', 'manifest', shards)}"
+             f"{_count_cell('shards_read', 'parquet', scan.shards_read)}</tr>")]
     names = [("clips", "clips"), ("kept (samples)", "ok"), ("rejected", "rejected"), ("failed", "failed")]
     keys = {"clips": "clips", "ok": "samples", "rejected": "rejected", "failed": "failed"}
     for label, name in names:
@@ -807,7 +807,7 @@ def build_report(dst: str, out: str | Path, cfg: ReportConfig) -> Path:
         sections += [("Per source", _sources_section(scan)),
                      ("Gallery", _gallery_section(kept, other, scan, quality, cfg.seed, mode))]
         body = "".join(f"<h2>{_e(title)}</h2>{content}" for title, content in sections)
-        now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>DreamStereo report: {_e(dst)}</title><link rel=\"icon\" href=\"data:,\">"
                 f"<style>{_CSS}</style></head><body><h1>DreamStereo report: <code>{_e(dst)}</code></h1>"

@@ -72,7 +72,7 @@ def run_with_file_size_limit(code: str, *args: str, limit: int, env: dict | None
                "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")
     return subprocess.run([sys.executable, "-c", prelude + code, *args], capture_output=True, text=True,
-                          timeout=300, env=env)
+                          timeout=300, env=env, check=False)
 
 
 @contextlib.contextmanager
