@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dreamstereo.types import UserError
+from dreamstereo.types import UserError, os_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +76,11 @@ def toy_folder(kind: str) -> Path:
         if time.time() - stale.stat().st_mtime > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     logger.info("building the toy %s model (random weights, a smoke test) in %s", kind, final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+    from safetensors import SafetensorError
+
+    tmp = None
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
         if kind == "wan":
             save_toy_wan(tmp)
         elif kind == "depth-anything-v2":
@@ -86,13 +89,15 @@ def toy_folder(kind: str) -> Path:
             save_depthcrafter(tmp)
         (tmp / TOY_INFO_FILE).write_text(json.dumps({"toy": kind, "smoke_test": SMOKE_TEST}, indent=2))
         os.rename(tmp, final)
-    except Exception as exc:  # (safetensors reports a full disk as its own error type)
+    except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error type)
         if final.is_dir():  # another process's copy won the race
             return final
-        raise UserError(f"cannot build the toy {kind} model in {str(root)!r}: {type(exc).__name__}: {exc} (it "
-                        "needs a few MB: free some, or set DREAMSTEREO_TOY_CACHE to a folder with room)") from exc
+        reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+        raise UserError(f"cannot build the toy {kind} model in {str(root)!r}: {reason} (it needs a few MB: free "
+                        "some, or set DREAMSTEREO_TOY_CACHE to a folder with room)") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

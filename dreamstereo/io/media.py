@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import heapq
 import io
 import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -91,44 +91,70 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 def _replace(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``, replacing a file or a whole folder of that name."""
+    """Rename ``source`` to ``target``, replacing a file or a whole folder of that name (put back if the
+    rename fails)."""
     if not (source.is_dir() and target.exists()):
         os.replace(source, target)
         return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
-    os.replace(source, target)
+    try:
+        os.replace(source, target)
+    except OSError:
+        os.replace(old, target)
+        raise
     if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
 
 
-_STAGE_PREFIX = ".staging-"  # + <host>-<pid> (earlier versions: <pid>)
+STAGE_PREFIX = ".staging-"  # + a unique suffix (mkdtemp); earlier versions: + <pid>
+_STAGE_LOCK = ".lock"  # inside a stage, flock-ed by its run for as long as it lives
+_LEGACY_STAGE = re.compile(r"\.staging-\d+")
 
 
 def _remove_dead_stages(folder: Path) -> None:
-    """Delete the staging folders that runs killed mid-way (kill -9, a crash) left in ``folder``: this host's
-    whose process is gone, and anyone's a day old (another host's run in progress on a shared disk stays)."""
-    host = socket.gethostname()
-    for entry in folder.glob(f"{_STAGE_PREFIX}*"):
-        owner, _, pid = entry.name[len(_STAGE_PREFIX):].rpartition("-")
+    """Delete the staging folders that runs killed mid-way (kill -9, a crash) left in ``folder``: those whose
+    lock no process holds (the kernel drops a lock when its process dies, on this host or, over NFS, another),
+    and those of earlier versions (``.staging-<pid>``, no lock) a day old. A stage whose lock cannot be tested
+    stays."""
+    for entry in folder.glob(f"{STAGE_PREFIX}*"):
         try:
-            stale = time.time() - entry.stat().st_mtime > 86_400
-        except OSError:
+            if not entry.is_dir() or entry.is_symlink():
+                continue
+            if _LEGACY_STAGE.fullmatch(entry.name):
+                if time.time() - entry.stat().st_mtime > 86_400:
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            fd = os.open(entry / _STAGE_LOCK, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:  # no lock file (not ours, or a run between mkdtemp and its lock: see _lock_stage)
             continue
-        if stale or (owner in (host, "") and pid.isdigit() and not _process_alive(int(pid))):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a run in progress (or a file system without locks: leave it)
+            os.close(fd)
+            continue
+        try:
             shutil.rmtree(entry, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
-def _process_alive(pid: int) -> bool:
+def _lock_stage(stage: Path) -> int | None:
+    """Hold an exclusive lock on ``stage/.lock`` for this run; the lock file appears already locked (made
+    under another name, locked, renamed), so no other run can take it for a dead one's. None where the file
+    system has no locks (the stage is then never removed by another run)."""
+    tmp = stage / f"{_STAGE_LOCK}.new"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        tmp.unlink()
+        return None
+    os.rename(tmp, stage / _STAGE_LOCK)
+    return fd
 
 
 @contextlib.contextmanager
@@ -144,25 +170,30 @@ def staged_folder(folder: str | Path, *, last: tuple[str, ...] = ("manifest.json
         WriteError: a refused write, naming the file's final path under ``folder``.
     """
     folder = Path(folder)
-    stage = folder / f"{_STAGE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+    stage, lock = None, None
     created = not folder.exists()
     try:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _remove_dead_stages(folder)
-            stage.mkdir(exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=folder))
+            lock = _lock_stage(stage)
             yield stage
-            for entry in sorted(stage.iterdir(), key=lambda p: (p.name in last, p.name)):
+            entries = [p for p in stage.iterdir() if p.name != _STAGE_LOCK]
+            for entry in sorted(entries, key=lambda p: (p.name in last, p.name)):
                 _replace(entry, folder / entry.name)
         except WriteError as exc:  # name the file where the user will look for it
             name = Path(exc.filename)
-            if not name.is_relative_to(stage):
+            if stage is None or not name.is_relative_to(stage):
                 raise
             raise WriteError(folder / name.relative_to(stage), exc) from None
         except OSError as exc:
-            _raise_write_failure(exc, folder, stage)
+            _raise_write_failure(exc, folder, *([stage] if stage else []))
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if lock is not None:
+            os.close(lock)
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 

@@ -132,17 +132,22 @@ class CheckpointStore:
             aside = final.parent / f".{final.name}.old-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(aside, ignore_errors=True)
-            try:
+            try:  # a full disk: nothing half-written stays, the old checkpoint stays, the message names the step
                 staging.mkdir()
                 for name in names:
                     shutil.copyfile(folder / name, staging / name)
-            except OSError as exc:  # a full disk: nothing half-written stays, the message names the checkpoint
+                if final.exists():  # an uncommitted leftover, or a rerun of the same step: renamed aside
+                    os.rename(final, aside)
+                try:
+                    os.rename(staging, final)
+                except OSError:
+                    if aside.exists():
+                        os.rename(aside, final)
+                    raise
+            except OSError as exc:
                 shutil.rmtree(staging, ignore_errors=True)
                 error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
                 raise error(f"cannot write checkpoint {str(final)!r}: {os_error_reason(exc)}") from None
-            if final.exists():  # an uncommitted leftover, or a rerun of the same step: renamed aside, not deleted
-                os.rename(final, aside)
-            os.rename(staging, final)
             shutil.rmtree(aside, ignore_errors=True)
         return self.uri_of(step)
 

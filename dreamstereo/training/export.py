@@ -8,7 +8,6 @@ from the base), ``prompt_embedding.safetensors`` and ``dreamstereo_model.json`` 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 
 from dreamstereo import __version__, toy_models
+from dreamstereo.io import media
 from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training import checkpoint as ckpt
@@ -28,8 +28,9 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                  dtype: torch.dtype = torch.float32) -> Path:
     """Write the merged model of ``checkpoint`` (local or ``s3://``) to ``out``; returns ``out``.
 
-    The model is written beside ``out`` under a temporary name and renamed into place when whole, so a full disk
-    or a kill leaves no half-written model; an earlier export in ``out`` is replaced as a whole.
+    The model is written in a hidden folder inside ``out`` and moved into place when whole (``io.media.
+    staged_folder``), so a full disk or a kill leaves no half-written model; an earlier export's files in ``out``
+    are replaced.
 
     Args:
         base: the base model folder; None = the one recorded in the checkpoint's ``meta.json``.
@@ -72,25 +73,21 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                 "lora_alpha": adapter["lora_alpha"], "in_channels": wan.INPAINT_IN_CHANNELS,
                 "dtype": str(dtype).removeprefix("torch."), "package_version": __version__,
                 **({"smoke_test": note} if note else {})}
-        staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        try:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            (transformer if dtype == torch.float32 else transformer.to(dtype)).save_pretrained(staging / "transformer")
-            if base_vae.is_dir():
-                (staging / "vae").mkdir()
-                for file in sorted(p for p in base_vae.iterdir() if p.is_file()):
-                    shutil.copyfile(file, staging / "vae" / file.name)
-            shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, staging / wan.PROMPT_EMBEDDING_FILE)
-            wan.write_model_info(staging, info)
-            _replace(staging, out)
-        except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error type)
-            reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
-            full = isinstance(exc, SafetensorError) or exc.errno in UNWRITABLE_ERRNOS
-            raise (UnwritableStorageError if full else StorageError)(
-                f"cannot write the exported model {str(out)!r}: {reason}") from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        try:  # written in a hidden folder inside out, moved into place when whole (the model info last)
+            with media.staged_folder(out, last=(wan.MODEL_INFO_FILE,)) as stage:
+                try:
+                    model = transformer if dtype == torch.float32 else transformer.to(dtype)
+                    model.save_pretrained(stage / "transformer")
+                    if base_vae.is_dir():
+                        (stage / "vae").mkdir()
+                        for file in sorted(p for p in base_vae.iterdir() if p.is_file()):
+                            shutil.copyfile(file, stage / "vae" / file.name)
+                    shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, stage / wan.PROMPT_EMBEDDING_FILE)
+                    wan.write_model_info(stage, info)
+                except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own type)
+                    _refused(out, exc)
+        except OSError as exc:  # moving into place
+            _refused(out, exc)
     logger.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     if note:
         logger.warning("%s: %s", out, note)
@@ -98,18 +95,19 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
 
 
 def _check_replaceable(out: Path) -> None:
-    """Refuse, before any work, an ``out`` that is a file or a folder of other things (it would be replaced)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / wan.MODEL_INFO_FILE).is_file())):
+    """Refuse, before any work, an ``out`` that is a file or a folder of other things (they would mix)."""
+    if out.is_dir():  # (the staging folder of an export killed half-way is no content: the next run clears it)
+        content = [p for p in out.iterdir() if not p.name.startswith(media.STAGE_PREFIX)]
+        if not content or (out / wan.MODEL_INFO_FILE).is_file():
+            return
+    if out.exists():
         raise UserError(f"output {str(out)!r} exists and is not an exported model (no {wan.MODEL_INFO_FILE}): give "
-                        "a new or empty folder (an earlier export there is replaced as a whole)")
+                        "a new or empty folder (an earlier export there is replaced)")
 
 
-def _replace(staging: Path, out: Path) -> None:
-    """Rename the whole ``staging`` folder to ``out``; an earlier export there is renamed aside, then deleted."""
-    aside = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    elif out.exists():
-        os.rename(out, aside)
-    os.rename(staging, out)
-    shutil.rmtree(aside, ignore_errors=True)
+def _refused(out: Path, exc: BaseException):
+    """Raise a refused write of the export as one line naming ``out`` (never a temporary name)."""
+    reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+    full = isinstance(exc, SafetensorError) or getattr(exc, "errno", None) in UNWRITABLE_ERRNOS
+    raise (UnwritableStorageError if full else StorageError)(
+        f"cannot write the exported model {str(out)!r}: {reason}") from None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
-import socket
+import signal
 import subprocess
 import sys
 
@@ -116,18 +117,30 @@ def test_writes_on_a_read_only_disk_name_the_file_and_the_cause(tiny_disk):
 
 def test_the_staging_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # a process that is gone: its pid names a run killed with -9
-    host = socket.gethostname()
-    dead, old_style = out / f".staging-{host}-{child.pid}", out / f".staging-{child.pid}"
-    elsewhere, elsewhere_old = out / ".staging-otherhost-1", out / ".staging-otherhost-2"
-    alive = out / f".staging-{host}-{os.getppid()}"  # a run in progress (this test's parent process)
-    for folder in (dead, old_style, elsewhere, elsewhere_old, alive):
+    killed = subprocess.run(  # a run killed with -9 half-way through writing its outputs
+        [sys.executable, "-c", "import os, signal, sys\n"
+         "from dreamstereo.io import media\n"
+         "with media.staged_folder(sys.argv[1]) as stage:\n"
+         "    (stage / 'half.bin').write_bytes(b'x')\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)\n", str(out)], check=False)
+    assert killed.returncode == -signal.SIGKILL
+    [dead] = [p for p in out.iterdir() if p.name.startswith(".staging-")]
+    running = out / ".staging-running"  # a run in progress holds its lock (here: this test)
+    running.mkdir()
+    (running / ".lock").write_text("")
+    held = os.open(running / ".lock", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    legacy_recent, legacy_old = out / ".staging-123", out / ".staging-456"  # earlier versions: no lock
+    mine = out / ".staging-notes"  # not a stage: no lock file
+    for folder in (legacy_recent, legacy_old, mine):
         folder.mkdir()
         (folder / "index.html").write_text("half")
-    os.utime(elsewhere_old, (0, 0))
-    with media.staged_folder(out, last=("index.html",)) as stage:
-        media.write_text(stage / "index.html", "whole")
-    assert sorted(p.name for p in out.iterdir()) == sorted([elsewhere.name, alive.name, "index.html"])
+    os.utime(legacy_old, (0, 0))
+    try:
+        with media.staged_folder(out, last=("index.html",)) as stage:
+            media.write_text(stage / "index.html", "whole")
+    finally:
+        os.close(held)
+    assert not dead.exists() and not legacy_old.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted([running.name, legacy_recent.name, mine.name, "index.html"])
     assert (out / "index.html").read_text() == "whole"

@@ -133,20 +133,32 @@ def test_an_export_is_written_whole_or_not_at_all_and_replaces_only_an_earlier_e
     assert main(["-q", "export", str(checkpoint), "--out", str(tmp_path / "mine")]) == 2
     assert "exists and is not an exported model (no dreamstereo_model.json)" in capsys.readouterr().err
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-    # a rerun replaces the earlier export as a whole (a file of an older layout does not stay)
+    # a rerun replaces the earlier export's files (a file of the user's beside them stays)
     out = shutil.copytree(exported, tmp_path / "model")
-    (out / "stale.bin").write_bytes(b"old")
+    (out / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"an older export")
+    (out / "NOTES.md").write_text("mine")
     export_model(str(checkpoint), out)
-    assert _files(out) == _files(exported) and sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]
+    assert _files(out) == {**_files(exported), "NOTES.md": hashlib.sha256(b"mine").hexdigest()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "model"]
     # a disk that refuses the writes (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) half-way through: one line
-    # naming the output, no half-written model and no temporary folder left
-    done = run_with_file_size_limit("from dreamstereo.cli import main\n"
-                                    "raise SystemExit(main(['-q', 'export', sys.argv[1], '--out', sys.argv[2]]))",
-                                    str(checkpoint), str(tmp_path / "full" / "model"), limit=1 << 16)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert done.stderr.strip().startswith(f"dreamstereo export: error: cannot write the exported model "
-                                          f"'{tmp_path}/full/model': "), done.stderr
+    # naming the output; a new output is not made, an earlier export is left as it was, no temporary folder stays
+    before = _files(out)
+    for target in (tmp_path / "full" / "model", out):
+        done = run_with_file_size_limit("from dreamstereo.cli import main\n"
+                                        "raise SystemExit(main(['-q', 'export', sys.argv[1], '--out', sys.argv[2]]))",
+                                        str(checkpoint), str(target), limit=1 << 16)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip() == (f"dreamstereo export: error: cannot write the exported model '{target}': "
+                                       "Error while serializing: I/O error: File too large (os error 27)"), done.stderr
     assert list((tmp_path / "full").iterdir()) == []
+    # what an export killed with -9 left (a staging folder whose lock no process holds) is no content: a rerun
+    # goes on and clears it
+    killed = tmp_path / "killed"
+    (killed / ".staging-x1y2").mkdir(parents=True)
+    (killed / ".staging-x1y2" / ".lock").write_text("")
+    export_model(str(checkpoint), killed)
+    assert _files(killed) == _files(exported) and not [p for p in killed.iterdir() if p.name.startswith(".")]
+    assert _files(out) == before and not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
