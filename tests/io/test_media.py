@@ -118,11 +118,11 @@ def test_writes_on_a_read_only_disk_name_the_file_and_the_cause(tiny_disk):
 def test_the_staging_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
     out = tmp_path / "out"
     killed = subprocess.run(  # a run killed with -9 half-way through writing its outputs
-        [sys.executable, "-c", "import os, signal, sys\n"
-         "from dreamstereo.io import media\n"
-         "with media.staged_folder(sys.argv[1]) as stage:\n"
-         "    (stage / 'half.bin').write_bytes(b'x')\n"
-         "    os.kill(os.getpid(), signal.SIGKILL)\n", str(out)], check=False)
+        [sys.executable, "-c", ("import os, signal, sys\n"
+                                "from dreamstereo.io import media\n"
+                                "with media.staged_folder(sys.argv[1]) as stage:\n"
+                                "    (stage / 'half.bin').write_bytes(b'x')\n"
+                                "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(out)], check=False)
     assert killed.returncode == -signal.SIGKILL
     [dead] = [p for p in out.iterdir() if p.name.startswith(".staging-")]
     running = out / ".staging-running"  # a run in progress holds its lock (here: this test)
