@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dreamstereo.types import UserError, os_error_reason
+from dreamstereo.types import UserError, write_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,7 @@ def toy_folder(kind: str) -> Path:
     except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error type)
         if final.is_dir():  # another process's copy won the race
             return final
-        reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
-        raise UserError(f"cannot build the toy {kind} model in {str(root)!r}: {reason} (it needs a few MB: free "
+        raise UserError(f"cannot build the toy {kind} model in {str(root)!r}: {write_error_reason(exc)} (it needs a few MB: free "
                         "some, or set DREAMSTEREO_TOY_CACHE to a folder with room)") from None
     finally:
         if tmp is not None:

@@ -183,6 +183,12 @@ def os_error_reason(exc: OSError) -> str:
     return f"{text} [{name}]" if name else text
 
 
+def write_error_reason(exc: BaseException) -> str:
+    """:func:`os_error_reason` of an OSError; the message of the error type a library raises instead for a
+    refused write (safetensors' ``SafetensorError`` carries the OS reason in its text)."""
+    return os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
+
+
 def original_error(exc: BaseException, wanted: type | tuple[type, ...]) -> BaseException | None:
     """The first exception of a ``wanted`` class (one of ours) inside what Ray raised, or None (a bug).
 

@@ -90,7 +90,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
-def _replace(source: Path, target: Path) -> None:
+def replace_path(source: Path, target: Path) -> None:
     """Rename ``source`` to ``target``, replacing a file or a whole folder of that name (put back if the
     rename fails)."""
     if not (source.is_dir() and target.exists()):
@@ -181,7 +181,7 @@ def staged_folder(folder: str | Path, *, last: tuple[str, ...] = ("manifest.json
             yield stage
             entries = [p for p in stage.iterdir() if p.name != _STAGE_LOCK]
             for entry in sorted(entries, key=lambda p: (p.name in last, p.name)):
-                _replace(entry, folder / entry.name)
+                replace_path(entry, folder / entry.name)
         except WriteError as exc:  # name the file where the user will look for it
             name = Path(exc.filename)
             if stage is None or not name.is_relative_to(stage):
@@ -529,7 +529,7 @@ class ImageSequenceWriter:
         if exc_type is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             return
-        _replace(self._tmp, self.folder)
+        replace_path(self._tmp, self.folder)
 
 
 def _fps_fraction(fps: float):

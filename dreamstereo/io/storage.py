@@ -44,7 +44,7 @@ from botocore.exceptions import ConnectionError as BotoConnectionError
 from urllib3.exceptions import ProtocolError
 from urllib3.exceptions import ReadTimeoutError as URLLib3ReadTimeoutError
 
-from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, UserError, os_error_reason
+from dreamstereo.types import UNWRITABLE_ERRNOS, ErrorCode, SampleError, UserError, write_error_reason
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,14 @@ class StorageError(UserError, RuntimeError):
 class UnwritableStorageError(StorageError):
     """The output refuses writes: a full disk, a quota, a read-only or forbidden folder. Retrying cannot
     help, so a job stops at the first one (the message names the file and the cause)."""
+
+
+def refused_write(what: str, exc: BaseException) -> StorageError:
+    """``cannot write <what>: <reason>`` for a write that failed with ``exc`` (``what``: the name the user knows,
+    never a temporary one): UnwritableStorageError when the disk refuses it (full, read-only, quota, permission;
+    or a library's own error type for a failed write, such as safetensors'), else StorageError."""
+    refused = not isinstance(exc, OSError) or exc.errno in UNWRITABLE_ERRNOS
+    return (UnwritableStorageError if refused else StorageError)(f"cannot write {what}: {write_error_reason(exc)}")
 
 
 @dataclasses.dataclass
@@ -123,8 +131,7 @@ class LocalStorage:
             names = {Path(os.fsdecode(n)) for n in (exc.filename, exc.filename2) if n is not None}
             if names and not names & {tmp, path, *path.parents}:
                 raise  # another file's error (e.g. the local file to upload is gone): not this write
-            error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
-            raise error(f"cannot write {str(path)!r}: {os_error_reason(exc)}") from None
+            raise refused_write(repr(str(path)), exc) from None
         finally:
             if tmp.exists():  # (unlink of a missing file on a read-only disk fails with EROFS)
                 tmp.unlink()

@@ -47,9 +47,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError, open_storage
+from dreamstereo.io import media
+from dreamstereo.io.storage import S3Config, StorageError, open_storage, refused_write
 from dreamstereo.models import wan_inpaint as wan
-from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -129,26 +130,15 @@ class CheckpointStore:
             final = Path(self.uri) / step_dir(step)
             final.parent.mkdir(parents=True, exist_ok=True)
             staging = final.parent / f".{final.name}.tmp-{os.getpid()}"
-            aside = final.parent / f".{final.name}.old-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(aside, ignore_errors=True)
             try:  # a full disk: nothing half-written stays, the old checkpoint stays, the message names the step
                 staging.mkdir()
                 for name in names:
                     shutil.copyfile(folder / name, staging / name)
-                if final.exists():  # an uncommitted leftover, or a rerun of the same step: renamed aside
-                    os.rename(final, aside)
-                try:
-                    os.rename(staging, final)
-                except OSError:
-                    if aside.exists():
-                        os.rename(aside, final)
-                    raise
+                media.replace_path(staging, final)  # an uncommitted leftover or a rerun's step: replaced whole
             except OSError as exc:
                 shutil.rmtree(staging, ignore_errors=True)
-                error = UnwritableStorageError if exc.errno in UNWRITABLE_ERRNOS else StorageError
-                raise error(f"cannot write checkpoint {str(final)!r}: {os_error_reason(exc)}") from None
-            shutil.rmtree(aside, ignore_errors=True)
+                raise refused_write(f"checkpoint {str(final)!r}", exc) from None
         return self.uri_of(step)
 
     def delete(self, step: int) -> None:

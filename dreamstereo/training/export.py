@@ -16,10 +16,10 @@ from safetensors import SafetensorError
 
 from dreamstereo import __version__, toy_models
 from dreamstereo.io import media
-from dreamstereo.io.storage import S3Config, StorageError, UnwritableStorageError
+from dreamstereo.io.storage import S3Config, refused_write
 from dreamstereo.models import wan_inpaint as wan
 from dreamstereo.training import checkpoint as ckpt
-from dreamstereo.types import UNWRITABLE_ERRNOS, UserError, os_error_reason
+from dreamstereo.types import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -75,19 +75,16 @@ def export_model(checkpoint: str, out: str | Path, *, base: str | None = None, s
                 **({"smoke_test": note} if note else {})}
         try:  # written in a hidden folder inside out, moved into place when whole (the model info last)
             with media.staged_folder(out, last=(wan.MODEL_INFO_FILE,)) as stage:
-                try:
-                    model = transformer if dtype == torch.float32 else transformer.to(dtype)
-                    model.save_pretrained(stage / "transformer")
-                    if base_vae.is_dir():
-                        (stage / "vae").mkdir()
-                        for file in sorted(p for p in base_vae.iterdir() if p.is_file()):
-                            shutil.copyfile(file, stage / "vae" / file.name)
-                    shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, stage / wan.PROMPT_EMBEDDING_FILE)
-                    wan.write_model_info(stage, info)
-                except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own type)
-                    _refused(out, exc)
-        except OSError as exc:  # moving into place
-            _refused(out, exc)
+                model = transformer if dtype == torch.float32 else transformer.to(dtype)
+                model.save_pretrained(stage / "transformer")
+                if base_vae.is_dir():
+                    (stage / "vae").mkdir()
+                    for file in sorted(p for p in base_vae.iterdir() if p.is_file()):
+                        shutil.copyfile(file, stage / "vae" / file.name)
+                shutil.copyfile(folder / wan.PROMPT_EMBEDDING_FILE, stage / wan.PROMPT_EMBEDDING_FILE)
+                wan.write_model_info(stage, info)
+        except (OSError, SafetensorError) as exc:  # (safetensors reports a full disk as its own error type)
+            raise refused_write(f"the exported model {str(out)!r}", exc) from None
     logger.info("exported %s (step %s) -> %s", checkpoint, meta.get("step"), out)
     if note:
         logger.warning("%s: %s", out, note)
@@ -104,10 +101,3 @@ def _check_replaceable(out: Path) -> None:
         raise UserError(f"output {str(out)!r} exists and is not an exported model (no {wan.MODEL_INFO_FILE}): give "
                         "a new or empty folder (an earlier export there is replaced)")
 
-
-def _refused(out: Path, exc: BaseException):
-    """Raise a refused write of the export as one line naming ``out`` (never a temporary name)."""
-    reason = os_error_reason(exc) if isinstance(exc, OSError) else str(exc)
-    full = isinstance(exc, SafetensorError) or getattr(exc, "errno", None) in UNWRITABLE_ERRNOS
-    raise (UnwritableStorageError if full else StorageError)(
-        f"cannot write the exported model {str(out)!r}: {reason}") from None
